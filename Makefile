@@ -1,0 +1,35 @@
+# Everything runs inside .venv. torch is installed first at a pinned release: on machines whose pip index has
+# the CPU wheel locally this avoids pulling a multi-GB CUDA build for a looser requirement.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install install-test all test verify bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[cpu]"
+
+install-test: install
+	$(BIN)/pip install -e ".[cpu,test]"
+
+all: install
+	$(BIN)/pipeline all $(ARGS)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+# The gates of the stages built so far: `pipeline all` fails (non-zero) when the teacher does not beat bicubic.
+verify: install
+	$(BIN)/pipeline all $(ARGS)
+
+bench: install
+	$(BIN)/python -m pipeline.bench --out bench.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,205 @@
+"""Pieces shared by EDSR and RCAN: the config, the building blocks and the `SRNet` skeleton with feature taps."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# DIV2K RGB mean and the [0, 255] range that EDSR-PyTorch, the RCAN code and BasicSR all compute in.
+DIV2K_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
+RGB_RANGE = 255.0
+
+ARCHS = ("edsr", "rcan")
+SCALES = (2, 3, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network; `asdict()` is what checkpoints store.
+
+    - `blocks`: EDSR residual blocks, or RCAN blocks (RCABs) per residual group.
+    - `groups`: RCAN residual groups. EDSR has none and requires `groups == 1`.
+    - `res_scale`: residual scaling inside each block (EDSR, and RCAN's RCAB as in BasicSR; EDSR-PyTorch's RCAN
+      ignores it, which equals the default 1.0).
+    - `reduction`: RCAN channel-attention squeeze factor; unused by EDSR.
+    """
+
+    arch: str
+    scale: int
+    channels: int
+    blocks: int
+    groups: int = 1
+    res_scale: float = 1.0
+    reduction: int = 16
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if _not_int(self.scale) or self.scale not in SCALES:
+            raise ValueError(f"scale: must be one of {', '.join(map(str, SCALES))}, got {self.scale!r}")
+        for name in ("channels", "blocks", "groups", "reduction"):
+            value = getattr(self, name)
+            if _not_int(value) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        rs = self.res_scale
+        if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0:
+            raise ValueError(f"res_scale: must be a finite number > 0, got {rs!r}")
+        object.__setattr__(self, "res_scale", float(rs))
+        if self.arch == "edsr" and self.groups != 1:
+            raise ValueError(f"groups: EDSR has no residual groups, must be 1, got {self.groups}")
+        if self.arch == "rcan" and self.reduction > self.channels:
+            raise ValueError(f"reduction: must be <= channels ({self.channels}), got {self.reduction}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a plain dict; unknown or missing keys are a ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ValueError(f"missing model config key(s): {', '.join(missing)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, str | int | float]:
+        return dataclasses.asdict(self)
+
+
+def _not_int(v: object) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int)
+
+
+def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block: x + res_scale * conv2(relu(conv1(x)))."""
+
+    def __init__(self, channels: int, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.res_scale = res_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.res_scale * self.conv2(torch.relu(self.conv1(x)))
+
+
+class ChannelAttention(nn.Module):
+    """x * sigmoid(up(relu(down(avgpool(x))))), with 1x1 convs C -> C // reduction -> C."""
+
+    def __init__(self, channels: int, reduction: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, channels // reduction, 1)
+        self.up = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.up(torch.relu(self.down(w))))
+
+
+class RCAB(nn.Module):
+    """Residual channel-attention block: x + res_scale * ca(conv2(relu(conv1(x))))."""
+
+    def __init__(self, channels: int, reduction: int, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.ca = ChannelAttention(channels, reduction)
+        self.res_scale = res_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.res_scale * self.ca(self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResidualGroup(nn.Module):
+    """RCAN residual group: x + conv(blocks(x))."""
+
+    def __init__(self, channels: int, blocks: int, reduction: int, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(RCAB(channels, reduction, res_scale) for _ in range(blocks)))
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(self.blocks(x))
+
+
+def make_upsampler(scale: int, channels: int) -> nn.Sequential:
+    """x2/x3: conv C -> s²C + PixelShuffle(s); x4: two stages of conv C -> 4C + PixelShuffle(2)."""
+    if scale == 4:
+        stages = [2, 2]
+    elif scale in (2, 3):
+        stages = [scale]
+    else:
+        raise ValueError(f"scale: must be one of {', '.join(map(str, SCALES))}, got {scale!r}")
+    layers: list[nn.Module] = []
+    for s in stages:
+        layers += [conv3x3(channels, s * s * channels), nn.PixelShuffle(s)]
+    return nn.Sequential(*layers)
+
+
+class SRNet(nn.Module):
+    """head -> body blocks -> body_tail (+ head output) -> upsample -> last, on (x - mean) * 255.
+
+    Input: RGB float in [0, 1], NCHW. Output: RGB in ~[0, 1] (not clamped), spatial size times `scale`.
+    The body blocks are the feature taps used for distillation (`num_taps`, `forward_features`).
+    """
+
+    def __init__(self, config: ModelConfig, body: Sequence[nn.Module]) -> None:
+        super().__init__()
+        c = config.channels
+        self._config = config
+        # Non-persistent: state dicts stay free of mean keys, exactly like BasicSR's.
+        self.register_buffer("mean", torch.tensor(DIV2K_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.head = conv3x3(3, c)
+        self.body = nn.ModuleList(body)
+        self.body_tail = conv3x3(c, c)
+        self.upsample = make_upsampler(config.scale, c)
+        self.last = conv3x3(c, 3)
+
+    @property
+    def config(self) -> dict[str, str | int | float]:
+        return self._config.to_dict()
+
+    @property
+    def scale(self) -> int:
+        return self._config.scale
+
+    @property
+    def channels(self) -> int:
+        return self._config.channels
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.body)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, ())[0]
+
+    def forward_features(self, x: Tensor, taps: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """SR output and the outputs of body blocks `taps` (0-based, in the order asked, internal x255 scale)."""
+        taps = list(taps)
+        for t in taps:
+            if _not_int(t) or not 0 <= t < self.num_taps:
+                raise ValueError(f"tap {t!r} out of range: this model has body blocks 0..{self.num_taps - 1}")
+        return self._run(x, taps)
+
+    def _run(self, x: Tensor, taps: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        wanted = set(taps)
+        found: dict[int, Tensor] = {}
+        h = self.head((x - self.mean) * RGB_RANGE)
+        f = h
+        for i, block in enumerate(self.body):
+            f = block(f)
+            if i in wanted:
+                found[i] = f
+        out = self.last(self.upsample(self.body_tail(f) + h))
+        return out / RGB_RANGE + self.mean, [found[t] for t in taps]

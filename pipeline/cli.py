@@ -1,0 +1,225 @@
+"""`pipeline` command line: parses arguments, loads the config, calls one stage. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import GateFailed, UserError
+
+log = logging.getLogger("pipeline")
+
+EPILOG = {
+    "config": "example: pipeline config --show --preset rcan_paper --set train.iters=1000",
+    "models": "example: pipeline models --scale 4 --lr-size 320x180",
+    "degrade": "example: pipeline degrade --hr photos/ --scale 4 --out photos_x4/",
+    "score": "example: pipeline score --sr results/x4 --hr Set5/HR --scale 4 --json scores.json",
+    "teacher": "example: pipeline teacher --set train.iters=2000   (then --resume if it was interrupted)",
+    "eval": "example: pipeline eval --model runs/tiny/teacher.pt --data embedded --json eval.json",
+    "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
+}
+
+
+def _versions_text() -> str:
+    from pipeline.rundir import versions
+
+    return f"facd-pipeline {__version__} (" + ", ".join(f"{k} {v}" for k, v in versions().items()
+                                                      if k != "facd-pipeline") + ")"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", default="tiny", help="named preset (see `pipeline config --list`; default: tiny)")
+    g.add_argument("--config", metavar="TOML", help="a TOML file of overrides on top of the preset")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set train.iters=200 (repeatable)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/<config name>)")
+    p.add_argument("--force", action="store_true", help="redo stages even when their inputs and config are unchanged")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Distil, export, quantize and verify small super-resolution students (FACD).",
+        epilog="Run `pipeline COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=_versions_text())
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EPILOG[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars, warnings only")
+        return p
+
+    p = command("config", "print the effective configuration (TOML) or list the presets")
+    _add_config_args(p)
+    p.add_argument("--show", action="store_true", help="print the effective config (the default action)")
+    p.add_argument("--list", action="store_true", help="list the named presets")
+
+    p = command("models", "list the model presets with parameter counts and FLOPs")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
+    p.add_argument("--lr-size", default="320x180", metavar="WxH", help="LR input size for FLOPs (default 320x180)")
+
+    p = command("degrade", "make the LR set of a folder of HR images (mod-crop + MATLAB bicubic)")
+    p.add_argument("--hr", type=Path, required=True, help="folder of HR images")
+    p.add_argument("--scale", type=int, required=True, help="2, 3 or 4")
+    p.add_argument("--out", type=Path, required=True, help="output folder (PNG, same stems)")
+
+    p = command("score", "Y-PSNR / Y-SSIM of a folder of SR images against their HR images")
+    p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
+    p.add_argument("--hr", type=Path, required=True, help="folder of HR images (mod-cropped by score itself)")
+    p.add_argument("--scale", type=int, required=True, help="2, 3 or 4 (also the border shaved)")
+    p.add_argument("--json", type=Path, help="also write the table as JSON")
+
+    p = command("teacher", "train the teacher (L1, Adam) into <run-dir>/teacher.pt")
+    _add_run_args(p)
+
+    p = command("eval", "evaluate a checkpoint (or bicubic) on a dataset: per-image and mean Y-PSNR / SSIM")
+    p.add_argument("--model", required=True, help="a checkpoint (ours, EDSR-PyTorch or BasicSR) or 'bicubic'")
+    p.add_argument("--data", default="embedded",
+                   help="'embedded' (default), 'embedded-train', or a folder (HR-only or HR/ + LR_bicubic/X{s}/)")
+    p.add_argument("--scale", type=int, help="2, 3 or 4 (default: the checkpoint's; 4 for bicubic)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+
+    p = command("all", "run every stage in order: teacher (unless --teacher is given), eval")
+    _add_run_args(p)
+    p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
+    return parser
+
+
+def _setup_logging(quiet: bool, run_dir: Path | None = None) -> None:
+    """Console handler (INFO, or WARNING with -q) and, for a run, `<run-dir>/run.log` (always INFO).
+
+    Calling it again replaces the handlers of the previous call.
+    """
+    log.setLevel(logging.INFO)
+    for old in [h for h in log.handlers if getattr(h, "from_cli", False)]:
+        log.removeHandler(old)
+        old.close()
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "run.log"))
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for h in handlers:
+        h.from_cli = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipeline import config as config_mod
+
+    progress = not args.quiet
+    if args.command == "config":
+        if args.list:
+            for name, text in config_mod.PRESET_HELP.items():
+                print(f"{name:12s} {text}")
+            return
+        cfg = config_mod.load_config(args.preset, args.config, args.overrides)
+        print(config_mod.to_toml(cfg), end="")
+        return
+    if args.command == "models":
+        from pipeline.modelio import models_table
+
+        print(models_table(args.scale, _parse_size(args.lr_size)))
+        return
+    if args.command == "degrade":
+        from pipeline.degrade import degrade_folder
+
+        written = degrade_folder(args.hr, args.scale, args.out)
+        print(f"wrote {len(written)} LR image(s) to {args.out}")
+        return
+    if args.command == "score":
+        from pipeline.score import format_table, score_folders
+
+        rows = score_folders(args.sr, args.hr, args.scale)
+        print(format_table(rows, f"{args.sr} vs {args.hr}, x{args.scale}"))
+        if args.json:
+            _write_json(args.json, rows)
+        return
+    if args.command == "eval":
+        _eval(args, progress)
+        return
+
+    cfg = config_mod.load_config(args.preset, args.config, args.overrides)
+    from pipeline import stages
+    from pipeline.rundir import RunDir
+
+    run = RunDir(args.run_dir or Path("runs") / cfg.name)
+    _setup_logging(args.quiet, run.root)
+    if args.command == "teacher":
+        stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
+    elif args.command == "all":
+        stages.run_all(cfg, run, teacher=args.teacher, resume=args.resume, force=args.force, progress=progress)
+
+
+def _eval(args: argparse.Namespace, progress: bool) -> None:
+    from pipeline.backends.base import BicubicRunner
+    from pipeline.backends.torch_runner import TorchRunner
+    from pipeline.modelio import load_model
+    from pipeline.score import format_table
+    from pipeline.stages import eval_rows
+
+    if args.model == "bicubic":
+        scale = args.scale or 4
+        runner = BicubicRunner(scale)
+    else:
+        model = load_model(Path(args.model), args.scale)
+        scale = model.scale
+        runner = TorchRunner(model)
+    result = eval_rows(runner, args.data, scale, progress)
+    print(format_table(result["rows"], f"{args.model} on {args.data}, x{scale}"))
+    if args.json:
+        _write_json(args.json, result)
+
+
+def _write_json(path: Path, data: object) -> None:
+    from pipeline.rundir import write_json_atomic
+
+    write_json_atomic(path, data)
+    print(f"wrote {path}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--lr-size expects WxH, e.g. 320x180, got {text!r}") from None
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from models import CheckpointError
+
+    try:
+        _run(args)
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except GateFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Typed experiment configuration: defaults <- named preset <- TOML file <- `--set key=value` overrides.
+
+Every key is a dataclass field; an unknown key or a value of the wrong type is a UserError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class ModelSection:
+    teacher: str = "tiny_teacher"  # a preset of `pipeline models`
+    student: str = "tiny_student"
+
+
+@dataclass
+class DataSection:
+    train: str = "embedded-train"  # "embedded-train", or a folder (HR-only or HR/ + LR_bicubic/X{s}/)
+    eval: str = "embedded"  # "embedded" (the shipped eval photos), or a folder
+
+
+@dataclass
+class TrainSection:
+    iters: int = 600
+    batch: int = 16
+    lr_patch: int = 24  # LR patch side; the HR patch is lr_patch * scale
+    lr: float = 1e-3
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_milestones: list[int] = field(default_factory=lambda: [200_000])  # "step": iterations where lr is multiplied
+    step_gamma: float = 0.5
+    warmup: int = 0  # iterations of linear warm-up
+    eval_every: int = 200  # 0 = only at the end
+    ckpt_every: int = 100
+    log_every: int = 10
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    scale: int = 4
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets are data: overrides on top of the defaults (which are the `tiny` CPU preset).
+_PAPER_TRAIN = {
+    "iters": 300_000,
+    "batch": 16,
+    "lr_patch": 48,
+    "lr": 1e-4,
+    "schedule": "step",
+    "step_milestones": [200_000],
+    "step_gamma": 0.5,
+    "eval_every": 5_000,
+    "ckpt_every": 5_000,
+    "log_every": 100,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "edsr_paper": {
+        "name": "edsr_paper",
+        "model": {"teacher": "edsr", "student": "edsr_student"},
+        "data": {"train": "data/DIV2K"},
+        "train": _PAPER_TRAIN,
+    },
+    "rcan_paper": {
+        "name": "rcan_paper",
+        "model": {"teacher": "rcan", "student": "rcan_student"},
+        "data": {"train": "data/DIV2K"},
+        "train": _PAPER_TRAIN,
+    },
+}
+PRESET_HELP = {
+    "tiny": "default; tiny EDSR teacher/student on the embedded photos, minutes on a CPU",
+    "edsr_paper": "EDSR (32x256) teacher, EDSR student, DIV2K 48px LR patches, 300k iterations (GPU)",
+    "rcan_paper": "RCAN (10x20x64) teacher, RCAN student (10x6x64), DIV2K 48px LR patches, 300k iterations (GPU)",
+}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"config key {key!r}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise UserError(f"config key {key!r}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in updates.items():
+        key = prefix + name
+        if name not in hints:
+            known = ", ".join(prefix + n for n in hints)
+            raise UserError(f"unknown config key {key!r} (known: {known})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {key!r} is a section; set its keys, e.g. {key}.<name>=...")
+            _merge(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _check_type(key, value, tp))
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` -> {"a": {"b": value}}; the value is read as TOML, else taken as a plain string."""
+    if "=" not in text:
+        raise UserError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    update: dict[str, Any] = {}
+    node = update
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return update
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.scale not in (2, 3, 4):
+        raise UserError(f"config key 'scale': {cfg.scale} is not one of 2, 3, 4")
+    t = cfg.train
+    positive = {"train.iters": t.iters, "train.batch": t.batch, "train.lr_patch": t.lr_patch, "train.lr": t.lr,
+                "train.ckpt_every": t.ckpt_every, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key!r} must be > 0, got {value}")
+    for key, value in {"train.eval_every": t.eval_every, "train.warmup": t.warmup, "train.threads": t.threads}.items():
+        if value < 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {value}")
+
+
+def load_config(preset: str = "tiny", file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    cfg = Config()
+    _merge(cfg, PRESETS[preset])
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, _parse_override(text))
+    _validate(cfg)
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML (loads back to the same config)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top, sections = [], []
+    for name, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            sections.append(f"\n[{name}]\n" + "".join(f"{k} = {value(x)}\n" for k, x in v.items()))
+        else:
+            top.append(f"{name} = {value(v)}\n")
+    return "".join(top) + "".join(sections)
+

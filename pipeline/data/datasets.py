@@ -1,0 +1,142 @@
+"""Datasets: the embedded photos or a user's folder, as LR/HR pairs; random training patches.
+
+A dataset is named by a string:
+- ``embedded``: the 7 evaluation photos shipped in the package (the default eval set);
+- ``embedded-train``: the 15 training crops shipped in the package (the default train set);
+- a folder of HR images only: LR is made from each HR exactly as the benchmarks do (mod-crop, MATLAB bicubic);
+- a paired folder ``HR/`` + ``LR_bicubic/X{s}/`` (the DIV2K / benchmark layout). The LR file of ``HR/name.png`` is
+  ``LR_bicubic/X{s}/name{suffix}.<any image suffix>`` with suffix one of ``x{s}`` (DIV2K: ``0001x4.png``), ``''``,
+  ``_x{s}``, ``_LRBI_x{s}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.imageio import IMAGE_SUFFIXES, list_images, read_rgb
+from pipeline.data.imresize import degrade, modcrop
+from pipeline.errors import UserError
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED = {"embedded": EMBEDDED_DIR / "eval", "embedded-train": EMBEDDED_DIR / "train"}
+SCALES = (2, 3, 4)
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Pair:
+    name: str
+    lr: np.ndarray  # (h, w, 3) uint8
+    hr: np.ndarray  # (h*s, w*s, 3) uint8, mod-cropped
+
+
+def check_scale(scale: int) -> None:
+    if scale not in SCALES:
+        raise UserError(f"scale must be one of {', '.join(map(str, SCALES))}, got {scale}")
+
+
+class PairFolder:
+    """LR/HR pairs of one dataset, read lazily one image at a time."""
+
+    def __init__(self, spec: str | Path, scale: int):
+        check_scale(scale)
+        self.scale = scale
+        folder = EMBEDDED.get(str(spec), Path(spec))
+        if not folder.is_dir():
+            known = ", ".join(EMBEDDED)
+            raise UserError(f"dataset {spec!s}: no such folder (and not an embedded set: {known})")
+        self.folder = folder
+        self.lr_dir: Path | None = None
+        hr_dir = folder / "HR"
+        if hr_dir.is_dir():
+            self.lr_dir = folder / "LR_bicubic" / f"X{scale}"
+            if not self.lr_dir.is_dir():
+                raise UserError(f"dataset {folder}: has HR/ but no LR_bicubic/X{scale}/ for scale {scale}")
+            self.hr_files = list_images(hr_dir)
+        else:
+            self.hr_files = list_images(folder)
+
+    def __len__(self) -> int:
+        return len(self.hr_files)
+
+    def _lr_file(self, hr_file: Path) -> Path:
+        assert self.lr_dir is not None
+        s, stem = self.scale, hr_file.stem
+        for suffix in (f"x{s}", "", f"_x{s}", f"_LRBI_x{s}"):
+            for ext in IMAGE_SUFFIXES:
+                for candidate in (self.lr_dir / f"{stem}{suffix}{ext}", self.lr_dir / f"{stem}{suffix}{ext.upper()}"):
+                    if candidate.is_file():
+                        return candidate
+        raise UserError(f"dataset {self.folder}: no LR image for {hr_file.name} in {self.lr_dir}")
+
+    def load(self, i: int) -> Pair:
+        hr_file = self.hr_files[i]
+        if self.lr_dir is None:
+            hr, lr = degrade(read_rgb(hr_file), self.scale)
+        else:
+            lr_file = self._lr_file(hr_file)
+            hr, lr = modcrop(read_rgb(hr_file), self.scale), read_rgb(lr_file)
+            if (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
+                raise UserError(
+                    f"{lr_file}: LR size {lr.shape[1]}x{lr.shape[0]} times {self.scale} does not match the "
+                    f"mod-cropped HR {hr_file.name} ({hr.shape[1]}x{hr.shape[0]})"
+                )
+        return Pair(hr_file.stem, lr, hr)
+
+    def __iter__(self) -> Iterator[Pair]:
+        return (self.load(i) for i in range(len(self)))
+
+
+class PatchSampler:
+    """Random aligned LR/HR patches with flips and 90-degree rotations, drawn from a torch.Generator.
+
+    The batch for a given generator state is always the same, so training is reproducible and resumable.
+    """
+
+    def __init__(self, pairs: list[Pair], lr_patch: int, scale: int):
+        self.lr_patch, self.scale = lr_patch, scale
+        kept = [p for p in pairs if min(p.lr.shape[:2]) >= lr_patch]
+        skipped = [p.name for p in pairs if min(p.lr.shape[:2]) < lr_patch]
+        if skipped:
+            log.warning("skipping %d image(s) smaller than a %dx%d LR patch: %s", len(skipped), lr_patch, lr_patch,
+                        ", ".join(skipped))
+        if not kept:
+            raise UserError(f"no training image is at least a {lr_patch}x{lr_patch} LR patch "
+                            f"({lr_patch * scale} px HR); lower train.lr_patch or use larger images")
+        self.lr = [torch.from_numpy(p.lr).permute(2, 0, 1).contiguous() for p in kept]
+        self.hr = [torch.from_numpy(p.hr).permute(2, 0, 1).contiguous() for p in kept]
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        p, s = self.lr_patch, self.scale
+        lrs, hrs = [], []
+        for _ in range(batch):
+            i = int(torch.randint(len(self.lr), (1,), generator=gen))
+            lr_img, hr_img = self.lr[i], self.hr[i]
+            y = int(torch.randint(lr_img.shape[1] - p + 1, (1,), generator=gen))
+            x = int(torch.randint(lr_img.shape[2] - p + 1, (1,), generator=gen))
+            aug = int(torch.randint(8, (1,), generator=gen))
+            lr = lr_img[:, y : y + p, x : x + p]
+            hr = hr_img[:, y * s : (y + p) * s, x * s : (x + p) * s]
+            lrs.append(_augment(lr, aug))
+            hrs.append(_augment(hr, aug))
+        return torch.stack(lrs).float() / 255, torch.stack(hrs).float() / 255
+
+
+def _augment(img: torch.Tensor, aug: int) -> torch.Tensor:
+    """One of the 8 symmetries of the square: bit 0 horizontal flip, bit 1 vertical flip, bit 2 transpose."""
+    if aug & 1:
+        img = img.flip(2)
+    if aug & 2:
+        img = img.flip(1)
+    if aug & 4:
+        img = img.transpose(1, 2)
+    return img.contiguous()

@@ -1,0 +1,6 @@
+class UserError(Exception):
+    """An error the user caused (bad input, bad config): the CLI prints its message and exits with 2."""
+
+
+class GateFailed(Exception):
+    """A quality gate failed (the results are written): the CLI prints the message and exits with 1."""

@@ -1,0 +1,144 @@
+"""The command line end to end: a tiny `pipeline all`, skipping, exact resume after a real kill, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load_checkpoint, save_checkpoint, create_model
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough for seconds on 2 cores; a real (shortened) run of the default preset.
+TINY = ["--set", "train.batch=4", "--set", "train.lr_patch=16", "--set", "train.eval_every=0",
+        "--set", "train.log_every=2"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "-q", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_all_trains_evaluates_gates_and_then_skips(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["-q", "all", "--run-dir", str(run), *TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"])
+    results = json.loads((run / "eval.json").read_text())
+    bicubic, teacher = results
+    assert bicubic["model"] == "bicubic" and len(bicubic["rows"]) == 7
+    assert bicubic["mean"]["psnr_y"] == pytest.approx(27.811, abs=0.01)  # the protocol's x4 bicubic figure
+    # The gate: exit 0 exactly when the teacher beats bicubic on mean Y-PSNR, 1 otherwise.
+    assert code == (0 if teacher["mean"]["psnr_y"] > bicubic["mean"]["psnr_y"] else 1)
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    for name in ("teacher.pt", "eval.json", "eval.md", "teacher/log.jsonl"):
+        art = manifest["artifacts"][name]
+        assert art["size"] == (run / name).stat().st_size and len(art["sha256"]) == 64
+        assert "torch" in art["versions"]
+    log = [json.loads(line) for line in (run / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == list(range(2, 41, 2))
+
+    mtime = (run / "teacher.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    main(["all", "--run-dir", str(run), *TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"])
+    assert (run / "teacher.pt").stat().st_mtime_ns == mtime  # skipped, not redone
+    assert "up to date" in (run / "run.log").read_text()
+
+
+def test_resume_after_kill_gives_the_same_weights(tmp_path):
+    args = [*TINY, "--set", "train.iters=12", "--set", "train.ckpt_every=3"]
+    straight = tmp_path / "straight"
+    assert run_cli("teacher", "--run-dir", str(straight), *args).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "teacher", "--run-dir", str(killed), *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "teacher" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = load_checkpoint(last)["iteration"]
+    assert done < 12 and not (killed / "teacher.pt").exists()
+
+    refused = run_cli("teacher", "--run-dir", str(killed), *args)  # neither --resume nor --force: refuse, keep it
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    assert load_checkpoint(last)["iteration"] == done
+    resumed = run_cli("teacher", "--run-dir", str(killed), *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = load_checkpoint(straight / "teacher.pt")["state_dict"]
+    b = load_checkpoint(killed / "teacher.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--set", "train.iters=4", "--set", "train.ckpt_every=2"]
+    assert run_cli("teacher", "--run-dir", str(run), *args).returncode == 0
+    other = run_cli("teacher", "--run-dir", str(run), *args, "--set", "train.lr=0.5", "--resume")
+    assert other.returncode == 2 and "train.lr" in other.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "missing.pt"], "no such file"),
+        (["eval", "--model", "bicubic", "--scale", "5"], "scale must be one of 2, 3, 4"),
+        (["eval", "--model", "bicubic", "--data", "no/such/folder"], "no such folder"),
+        (["config", "--set", "train.iters=abc"], "'train.iters'"),
+        (["config", "--set", "train.nope=1"], "unknown config key 'train.nope'"),
+        (["config", "--preset", "huge"], "unknown preset 'huge'"),
+        (["models", "--lr-size", "big"], "WxH"),
+        (["degrade", "--hr", "no/such", "--scale", "4", "--out", "x"], "folder not found"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_scale_or_corrupt(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "x2.pt", create_model("tiny_teacher", scale=2))
+    assert main(["eval", "--model", str(ckpt), "--scale", "4"]) == 2
+    assert "scale=2" in capsys.readouterr().err
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(ckpt.read_bytes()[:1000])
+    assert main(["eval", "--model", str(broken)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_eval_of_a_checkpoint_writes_json(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "t.pt", create_model("tiny_teacher", scale=3))
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", "--model", str(ckpt), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scale"] == 3 and len(result["rows"]) == 7
+    assert "mean" in capsys.readouterr().out
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    from pipeline.cli import EPILOG
+
+    for command in EPILOG:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert "example: pipeline " + command in capsys.readouterr().out
+
+
+def test_version_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "facd-pipeline 0.1.0" in out.stdout and "torch" in out.stdout
