@@ -443,3 +443,20 @@ def test_published_errors(layout: str, tmp_path: Path) -> None:
         bad = dict(sd, **{"add_mean.weight": 2 * torch.eye(3).view(3, 3, 1, 1)})
         with pytest.raises(CheckpointError, match="add_mean is not the standard MeanShift"):
             load_published(bad, "edsr", 2)
+
+
+@pytest.mark.parametrize("layout", ["edsr-pytorch", "basicsr"])
+@pytest.mark.parametrize("arch, scale", [("edsr", 3), ("rcan", 4)])
+def test_load_model_detects_published_arch_and_scale(layout: str, arch: str, scale: int, tmp_path: Path) -> None:
+    from pipeline.modelio import load_model
+
+    sd = published_sd(layout, arch, scale)
+    path = tmp_path / "published.pth"
+    torch.save({"params_ema": sd} if layout == "basicsr" else sd, path)
+    model = load_model(path)
+    assert (model.config["arch"], model.scale) == (arch, scale)
+    x = torch.rand(1, 3, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_forward(sd, layout, arch, scale, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match=f"are for scale {scale}, expected scale 2"):
+        load_model(path, scale=2)
