@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import GateFailed, UserError
+from pipeline.config import METHODS
+from pipeline.errors import GateFailed, TrainingDiverged, UserError
 
 log = logging.getLogger("pipeline")
 
@@ -19,6 +20,9 @@ EPILOG = {
     "score": "example: pipeline score --sr results/x4 --hr Set5/HR --scale 4 --json scores.json",
     "teacher": "example: pipeline teacher --set train.iters=2000   (then --resume if it was interrupted)",
     "eval": "example: pipeline eval --model runs/tiny/teacher.pt --data embedded --json eval.json",
+    "distill": "example: pipeline distill --method facd --set train.iters=2000\n"
+               "         torchrun --standalone --nproc_per_node=2 -m pipeline distill --method facd   (DDP, gloo on CPUs)",
+    "ablate": "example: pipeline ablate --methods none out fd facd facd-nogate --seeds 0 1",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
 
@@ -92,7 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, help="2, 3 or 4 (default: the checkpoint's; 4 for bicubic)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
 
-    p = command("all", "run every stage in order: teacher (unless --teacher is given), eval")
+    p = command("distill", "distil the student from the teacher into <run-dir>/student.pt")
+    _add_run_args(p)
+    p.add_argument("--teacher", type=Path, help="teacher checkpoint or published weights (default: <run-dir>/teacher.pt)")
+    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's, facd)")
+
+    p = command("ablate", "distil one student per method and seed from the same teacher; table of the results")
+    _add_run_args(p)
+    p.add_argument("--teacher", type=Path, help="teacher checkpoint (default: <run-dir>/teacher.pt, trained if absent)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"methods to compare (default: all of {', '.join(METHODS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds per method (default: 0)")
+
+    p = command("all", "run every stage in order: teacher (unless --teacher is given), distill (facd), eval")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
     return parser
@@ -155,16 +171,38 @@ def _run(args: argparse.Namespace) -> None:
         _eval(args, progress)
         return
 
-    cfg = config_mod.load_config(args.preset, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "method", None):
+        overrides.append(f'distill.method="{args.method}"')
+    cfg = config_mod.load_config(args.preset, args.config, overrides)
     from pipeline import stages
     from pipeline.rundir import RunDir
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
-    _setup_logging(args.quiet, run.root)
+    if stages.is_main_process():
+        _setup_logging(args.quiet, run.root)
+    else:  # the other ranks of a torchrun launch: rank 0 alone writes run.log and shows progress
+        _setup_logging(quiet=True)
+        progress = False
     if args.command == "teacher":
         stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
+    elif args.command == "distill":
+        stages.stage_distill(cfg, run, _teacher_path(args, run), resume=args.resume, force=args.force,
+                             progress=progress)
+    elif args.command == "ablate":
+        teacher = args.teacher or stages.stage_teacher(cfg, run, resume=args.resume, force=args.force,
+                                                       progress=progress)
+        stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
+                            progress=progress)
     elif args.command == "all":
         stages.run_all(cfg, run, teacher=args.teacher, resume=args.resume, force=args.force, progress=progress)
+
+
+def _teacher_path(args: argparse.Namespace, run: "RunDir") -> Path:  # noqa: F821 (imported lazily)
+    teacher = args.teacher or run.path("teacher.pt")
+    if not teacher.exists():
+        raise UserError(f"no teacher at {teacher}: train one with `pipeline teacher` or pass --teacher CKPT")
+    return teacher
 
 
 def _eval(args: argparse.Namespace, progress: bool) -> None:
@@ -212,13 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except GateFailed as e:
+    except (GateFailed, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group (a process that exits while still in it can hang)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,30 @@ class TrainSection:
     ckpt_every: int = 100
     log_every: int = 10
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision, CUDA only
+    channels_last: bool = False  # CUDA only
+
+
+METHODS = ("none", "out", "fd", "facd", "facd-nogate")  # distillation methods, see pipeline/distill.py
+
+
+@dataclass
+class DistillSection:
+    method: Literal[METHODS] = "facd"
+    taps: int = 3  # J evenly spaced body blocks of student and teacher, matched by relative depth
+    lambda_out: float = 1.0  # output distillation L1(SR_S, SR_T)
+    lambda_fd: float = 1.0  # feature distillation L1(adapted student features, teacher features)
+    lambda_facd: float = 0.1  # the contrastive term
+    gate_margin: float = 0.0  # dB: distil a patch only where PSNR(SR_T) > PSNR(SR_S) + margin
+
+
+@dataclass
+class FacdSection:
+    tau: float = 0.15
+    max_anchors: int = 4096  # sampled positions per tap and batch (0 = every position)
+    negatives: Literal["other-images", "all-positions"] = "other-images"
+    impl: Literal["auto", "naive", "chunked", "cuda"] = "auto"
 
 
 @dataclass
@@ -51,6 +75,8 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    facd: FacdSection = field(default_factory=FacdSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,9 +178,16 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key!r} must be > 0, got {value}")
-    for key, value in {"train.eval_every": t.eval_every, "train.warmup": t.warmup, "train.threads": t.threads}.items():
+    d, f = cfg.distill, cfg.facd
+    non_negative = {"train.eval_every": t.eval_every, "train.warmup": t.warmup, "train.threads": t.threads,
+                    "distill.lambda_out": d.lambda_out, "distill.lambda_fd": d.lambda_fd,
+                    "distill.lambda_facd": d.lambda_facd, "facd.max_anchors": f.max_anchors}
+    for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config key {key!r} must be >= 0, got {value}")
+    for key, value in {"distill.taps": d.taps, "facd.tau": f.tau}.items():
+        if value <= 0:
+            raise UserError(f"config key {key!r} must be > 0, got {value}")
 
 
 def load_config(preset: str = "tiny", file: str | Path | None = None, overrides: list[str] = ()) -> Config:

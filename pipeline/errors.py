@@ -4,3 +4,7 @@ class UserError(Exception):
 
 class GateFailed(Exception):
     """A quality gate failed (the results are written): the CLI prints the message and exits with 1."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite (the last good weights are saved): the CLI prints the message and exits with 1."""

@@ -31,14 +31,16 @@ def test_all_trains_evaluates_gates_and_then_skips(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["-q", "all", "--run-dir", str(run), *TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"])
     results = json.loads((run / "eval.json").read_text())
-    bicubic, teacher = results
+    bicubic, teacher, student = results
     assert bicubic["model"] == "bicubic" and len(bicubic["rows"]) == 7
     assert bicubic["mean"]["psnr_y"] == pytest.approx(27.811, abs=0.01)  # the protocol's x4 bicubic figure
-    # The gate: exit 0 exactly when the teacher beats bicubic on mean Y-PSNR, 1 otherwise.
-    assert code == (0 if teacher["mean"]["psnr_y"] > bicubic["mean"]["psnr_y"] else 1)
+    assert teacher["model"] == "teacher (teacher.pt)" and student["model"] == "student (student.pt)"
+    # The gate: exit 0 exactly when teacher and student both beat bicubic on mean Y-PSNR, 1 otherwise.
+    beat = min(teacher["mean"]["psnr_y"], student["mean"]["psnr_y"]) > bicubic["mean"]["psnr_y"]
+    assert code == (0 if beat else 1)
 
     manifest = json.loads((run / "manifest.json").read_text())
-    for name in ("teacher.pt", "eval.json", "eval.md", "teacher/log.jsonl"):
+    for name in ("teacher.pt", "student.pt", "eval.json", "eval.md", "teacher/log.jsonl", "student/log.jsonl"):
         art = manifest["artifacts"][name]
         assert art["size"] == (run / name).stat().st_size and len(art["sha256"]) == 64
         assert "torch" in art["versions"]

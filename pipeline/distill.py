@@ -1,0 +1,93 @@
+"""Distillation of the student from a frozen teacher: every method in one harness (same data order, seed, budget).
+
+    none         L1(SR_S, GT)
+    out          L1 + lambda_out * L1(SR_S, SR_T)
+    fd           L1 + lambda_fd * FD                                      (conventional feature distillation)
+    facd         L1 + lambda_out * gate * L_out + lambda_facd * gate * L_contrast
+    facd-nogate  the same without the gate (every patch distilled)
+
+The teacher runs in eval mode without gradients. Taps: `distill.taps` evenly spaced body blocks of each network,
+matched by relative depth; the student's taps pass through 1x1 adaptors (trained with it, never exported). Under
+several processes the contrastive negatives are the patches of the local batch (each rank's share).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models import SRNet, create_model, save_checkpoint
+from pipeline.config import METHODS, Config
+from pipeline.errors import UserError
+from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
+                             tap_indices)
+from pipeline.train import LossFn, Trainee, fit, setup_context
+
+log = logging.getLogger("pipeline")
+_USES_FEATURES = ("fd", "facd", "facd-nogate")
+
+
+def make_loss(cfg: Config, teacher: SRNet | None, teacher_taps: list[int]) -> LossFn:
+    """The loss of `cfg.distill.method`; its parts (each term, the gate rate) go to the training log."""
+    d, f, method = cfg.distill, cfg.facd, cfg.distill.method
+
+    def loss_fn(model: nn.Module, lr: Tensor, hr: Tensor, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        sr, fs = model(lr)
+        loss = l1(sr, hr)
+        parts = {"l1": loss.item()}
+        if teacher is None:
+            return loss, parts
+        with torch.no_grad():
+            sr_t, ft = teacher.forward_features(lr, teacher_taps)
+        weight = adaptive_gate(sr, sr_t, hr, d.gate_margin) if method == "facd" else None
+        if weight is not None:
+            parts["gate_rate"] = weight.mean().item()
+        if method in ("out", "facd", "facd-nogate"):
+            term = output_distill(sr, sr_t, weight)
+            loss = loss + d.lambda_out * term
+            parts["out"] = term.item()
+        if method == "fd":
+            term = feature_distill(fs, ft)
+            loss = loss + d.lambda_fd * term
+            parts["fd"] = term.item()
+        if method in ("facd", "facd-nogate"):
+            term = facd_contrastive(fs, ft, tau=f.tau, max_anchors=f.max_anchors, negatives=f.negatives,
+                                    weight=weight, generator=gen, impl=f.impl)
+            loss = loss + d.lambda_facd * term
+            parts["contrast"] = term.item()
+        return loss, parts
+
+    return loss_fn
+
+
+def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, resume: bool,
+                    progress: bool = True) -> dict[str, Any]:
+    """Train the student preset `cfg.model.student` from `teacher` with `cfg.distill.method`; write `final`."""
+    method = cfg.distill.method
+    if teacher.scale != cfg.scale:
+        raise UserError(f"the teacher is for scale {teacher.scale}, the config for scale {cfg.scale}")
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.model.student, scale=cfg.scale)
+    trainee, teacher_taps = Trainee(student), []
+    if method in _USES_FEATURES:
+        try:
+            student_taps = tap_indices(student.num_taps, cfg.distill.taps)
+            teacher_taps = tap_indices(teacher.num_taps, cfg.distill.taps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        trainee = Trainee(student, student_taps, Adaptors(student.channels, teacher.channels, len(student_taps)))
+        log.info("distill: student taps %s, teacher taps %s", student_taps, teacher_taps)
+    ctx = setup_context(cfg.train)
+    frozen = None
+    if method != "none":
+        frozen = teacher.to(ctx.device).eval().requires_grad_(False)
+    result = fit(trainee, make_loss(cfg, frozen, teacher_taps), cfg, out_dir, resume=resume, progress=progress,
+                 label=f"distill {method}", ctx=ctx)
+    if ctx.is_main:
+        save_checkpoint(final, student.cpu(), role="student", preset=cfg.model.student, method=method,
+                        config=cfg.to_dict(), eval=result)
+    return result
