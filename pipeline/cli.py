@@ -23,6 +23,7 @@ EPILOG = {
     "distill": "example: pipeline distill --method facd --set train.iters=2000\n"
                "         torchrun --standalone --nproc_per_node=2 -m pipeline distill --method facd   (DDP, gloo on CPUs)",
     "ablate": "example: pipeline ablate --methods none out fd facd facd-nogate --seeds 0 1",
+    "kernels": "example: pipeline kernels build --arch sm_87 sm_90   (default: sm_80 sm_86 sm_87 sm_89 sm_90 + PTX)",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
 
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to compare (default: all of {', '.join(METHODS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds per method (default: 0)")
 
+    p = command("kernels", "build the fused contrastive CUDA kernel now (it is otherwise built at first use)")
+    p.add_argument("action", choices=["build"], help="what to do: build")
+    p.add_argument("--arch", nargs="+", metavar="SM", help="target architectures, e.g. sm_90 (default: all supported)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache holds this build")
+
     p = command("all", "run every stage in order: teacher (unless --teacher is given), distill (facd), eval")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
@@ -169,6 +175,14 @@ def _run(args: argparse.Namespace) -> None:
         return
     if args.command == "eval":
         _eval(args, progress)
+        return
+    if args.command == "kernels":
+        from kernels import KernelUnavailable, build_kernel
+
+        try:
+            print(f"built {build_kernel(args.arch, force=args.force, verbose=progress)}")
+        except KernelUnavailable as e:
+            raise UserError(str(e)) from None
         return
 
     overrides = list(args.overrides)

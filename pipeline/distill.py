@@ -70,6 +70,10 @@ def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, 
     method = cfg.distill.method
     if teacher.scale != cfg.scale:
         raise UserError(f"the teacher is for scale {teacher.scale}, the config for scale {cfg.scale}")
+    ctx = setup_context(cfg.train)
+    if method in ("facd", "facd-nogate") and cfg.facd.negatives == "other-images" and cfg.train.batch // ctx.world < 2:
+        raise UserError(f"FACD with negatives from other images needs at least 2 patches per process; train.batch is "
+                        f"{cfg.train.batch} on {ctx.world} process(es) (raise it, or set facd.negatives=\"all-positions\")")
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model.student, scale=cfg.scale)
     trainee, teacher_taps = Trainee(student), []
@@ -81,7 +85,6 @@ def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, 
             raise UserError(str(e)) from None
         trainee = Trainee(student, student_taps, Adaptors(student.channels, teacher.channels, len(student_taps)))
         log.info("distill: student taps %s, teacher taps %s", student_taps, teacher_taps)
-    ctx = setup_context(cfg.train)
     frozen = None
     if method != "none":
         frozen = teacher.to(ctx.device).eval().requires_grad_(False)

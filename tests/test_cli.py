@@ -144,3 +144,15 @@ def test_version_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0 and "facd-pipeline 0.1.0" in out.stdout and "torch" in out.stdout
+
+
+def test_kernels_build_without_nvcc_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    import kernels.build
+
+    def no_nvcc() -> str:
+        raise kernels.build.KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+    monkeypatch.setattr(kernels.build, "find_nvcc", no_nvcc)
+    monkeypatch.setenv("FACD_KERNEL_CACHE", str(tmp_path))
+    assert main(["kernels", "build", "--force"]) == 2
+    assert "error: nvcc not found" in capsys.readouterr().err

@@ -158,3 +158,9 @@ def test_facd_runs_under_two_processes(tmp_path, teacher):
     _torchrun(2, tmp_path / "run", teacher_file, "facd", 2)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert "student.pt" in manifest["artifacts"]
+
+
+def test_facd_with_one_patch_per_process_is_refused(tmp_path, teacher):
+    with pytest.raises(UserError, match="at least 2 patches"):
+        distill_student(small_config("train.batch=1"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
+                        progress=False)
