@@ -24,7 +24,8 @@ all: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-# The gates of the stages built so far: `pipeline all` fails (non-zero) when the teacher does not beat bicubic.
+# The gates of the stages built so far: `pipeline all` fails (exit 1) when the teacher or the student does not beat
+# bicubic on the eval set.
 verify: install
 	$(BIN)/pipeline all $(ARGS)
 

@@ -25,10 +25,13 @@ usable, chunked otherwise). Modules:
 * ``kernels.contrastive.cu``: the CUDA kernel. One pass over column tiles per block of rows (mma.sync m16n8k16,
   fp16/bf16 operands, fp32 accumulation, cp.async double-buffered K tiles, ldmatrix from padded shared memory),
   online log-sum-exp, the same-image column mask, then a combine kernel that merges column splits in order and
-  writes LSE, the weighted per-row loss and dL/dq. No atomics (bit-reproducible). Tiles (``FACD_TILES``): C = 16,
-  32, 64: 128 rows (4 warps x 2 x 16) x 64 columns; C = 128: 64 x 64; C = 256: 64 x 32 (Q re-read from shared memory
-  instead of held in registers). fp32 inputs use fp16 operands; other C are zero-padded to the next size; C > 256
-  is not supported by the kernel (``auto`` falls back to chunked).
+  writes LSE, the weighted per-row loss and dL/dq. No atomics (bit-reproducible). Tiles (``FACD_TILES``, one row
+  per C: rows per warp, warps, columns per K tile, launch-bounds min blocks, Q in registers, K stages, lazy-rescale
+  threshold): C = 16, 32, 64: 128 rows (4 warps x 2 x 16) x 64 columns; C = 128: 64 x 64; C = 256: 64 x 32 (Q
+  re-read from shared memory instead of held in registers). fp32 inputs use fp16 operands; other C are zero-padded
+  to the next size; C > 256 is not supported by the kernel (``auto`` falls back to chunked). Two optional row
+  kernels (``facd_prepare``, ``facd_scale_backward``) replace the PyTorch ops around it when
+  ``kernels.cuda.FUSED_PRE_POST`` is True.
 * ``kernels.build``: nvcc build into a cached shared library (``build_kernel``; cache
   ~/.cache/facd-pipeline/kernels/<hash>, or $FACD_KERNEL_CACHE), ``compile_report`` (register spills, warnings),
   ``KernelUnavailable``.
@@ -36,6 +39,8 @@ usable, chunked otherwise). Modules:
   engine used by ``cuda_loss``.
 * ``kernels.bench``: ``python -m kernels.bench --out DIR`` times naive, chunked, SDPA (V = K), cuBLAS Q K^T and the
   kernel on a GPU and writes JSON plus a memory plot.
+* ``kernels.tune``: ``python -m kernels.tune --out DIR`` (benchmarks/kernel_tune.sh) builds variants of the
+  FACD_TILES rows, gates them on correctness and times them on a GPU; it prints the row to paste for the winner.
 
 This package imports nothing from ``pipeline`` or ``models``.
 """

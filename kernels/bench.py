@@ -141,8 +141,11 @@ def run(sizes, channels, dtypes, warmup, iters) -> list[dict]:
                     row = {"provider": name, "n": n, "c": c, "dtype": str(dtype).removeprefix("torch."), **r}
                     if name == "kernel" and "error" not in r:
                         tile = kernel_tile(c)
-                        resident = cuda.blocks_per_sm(cuda.library(), dtype, tile.channels, 0)
-                        row["splits"] = cuda.choose_splits(n, n, tile, props.multi_processor_count, resident)
+                        info = cuda.kernel_info(cuda.library(), dtype, tile.channels, 0)
+                        row["splits"] = cuda.choose_splits(n, n, tile, props.multi_processor_count,
+                                                           info["blocks_per_sm"])  # fmt: skip
+                        row["tile"], row["kernel_info"] = tile.row(), info
+                        row["fused_pre_post"] = cuda.FUSED_PRE_POST
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 del s, t, steps

@@ -18,6 +18,10 @@
 //   * Column mask: with rows_per_image R > 0, column j is excluded from row i when j / R == i / R and j != pos(i).
 // Each split writes its unnormalised (m, l, O); split 0 writes O straight into the gradient buffer, which the combine
 // kernel (one warp per row, splits added in order) finishes in place. No atomics: results are bit-reproducible.
+//
+// Two small row kernels (one warp per row) can replace the PyTorch elementwise work around it (kernels/cuda.py,
+// FUSED_PRE_POST): facd_prepare (row norms, x / max(||x||, eps) rounded to the operand type, zero channel padding)
+// and facd_scale_backward (dL/ds = g (dq - q (q . dq)) / max(||s||, eps), the projection dropped where ||s|| <= eps).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,14 +43,15 @@
 #define FACD_TILES(X)                 \
     X(16, 2, 4, 64, 1, 1, 2, 0)       \
     X(32, 2, 4, 64, 1, 1, 2, 0)       \
-    X(64, 2, 4, 64, 1, 1, 2, 0)       \
+    X(64, 2, 4, 64, 1, 1, 2, 8)       \
     X(128, 1, 4, 64, 1, 1, 2, 0)      \
-    X(256, 1, 4, 32, 1, 0, 2, 0)
+    X(256, 1, 4, 32, 1, 0, 3, 8)
 
 namespace {
 
 constexpr int kPad = 8;  // shared-memory row padding (elements): consecutive rows shift by 16 bytes, no bank conflicts
 constexpr int kCombineWarps = 4;
+constexpr int kRowWarps = 8;  // warps (rows) per block of the prepare / backward row kernels
 constexpr int kUnsupported = -1;  // error code: no tile configuration for this (dtype, channels)
 constexpr int kBadArgument = -2;  // error code: inconsistent sizes or split layout
 constexpr float kLn2 = 0.693147180559945309f;
@@ -55,6 +60,16 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
 
 // Two floats -> one 32-bit MMA operand register (the lower column in the low half).
 __device__ __forceinline__ uint32_t pack2(__half, float lo, float hi) {
@@ -279,8 +294,9 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
                     }
         }
 
-        // Online softmax (log2 domain); P overwrites S.
-        float alpha[MT][2];
+        // Online softmax (log2 domain): new running max and O rescale first (so that nothing but P stands between
+        // the exponentials and the P K products, which the compiler interleaves), then P overwrites S.
+        float alpha[MT][2], base[MT][2];
         bool raised = false;  // LAZY: some running max of this thread changed
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -301,18 +317,9 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
                 } else {
                     new_max = fmaxf(old_max, tile_max * scale_log2);
                 }
-                const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing allowed yet
-                alpha[mt][h] = fast_exp2(old_max - base);
+                base[mt][h] = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing allowed yet
+                alpha[mt][h] = fast_exp2(old_max - base[mt][h]);
                 row_max[mt][h] = new_max;
-                float tile_sum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                        s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -base));
-                        tile_sum += s[mt][nt][e];
-                    }
-                row_sum[mt][h] = row_sum[mt][h] * alpha[mt][h] + tile_sum;  // per-thread partial, quad-reduced later
             }
         if (LAZY == 0 || __any_sync(kFullMask, raised)) {  // (alpha = 1 exactly for rows whose max stayed)
 #pragma unroll
@@ -322,6 +329,20 @@ __global__ void __launch_bounds__(WARPS * 32, MINB)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[mt][ct][e] *= alpha[mt][e >> 1];
         }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float tile_sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                        s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -base[mt][h]));
+                        tile_sum += s[mt][nt][e];
+                    }
+                row_sum[mt][h] = row_sum[mt][h] * alpha[mt][h] + tile_sum;  // per-thread partial, quad-reduced later
+            }
 
         // O += P K: the S accumulators of column tiles 2kk, 2kk + 1 form the A fragment of k-step kk.
 #pragma unroll
@@ -408,6 +429,56 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     if (lane == 0) {
         lse[row] = row_lse;
         loss[row] = w * (row_lse - dot * inv_tau);
+    }
+}
+
+// One warp per row: norm_i = ||x_i|| (fp32), out_i = x_i / max(norm_i, eps) in the operand type, zero-padded from c_in
+// to c_pad channels (as PyTorch's x * (1 / norm.clamp_min(eps)) followed by .to(operand type)).
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    prepare_kernel(const Tin* __restrict__ x, int n, int c_in, int c_pad, float eps, Tout* __restrict__ out,
+                   float* __restrict__ norm_out) {
+    const int row = blockIdx.x * kRowWarps + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= n) return;
+    const Tin* x_row = x + static_cast<size_t>(row) * c_in;
+    float ss = 0.f;
+    for (int ch = lane; ch < c_in; ch += 32) {
+        const float v = to_float(x_row[ch]);
+        ss = fmaf(v, v, ss);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) ss += __shfl_xor_sync(kFullMask, ss, offset);
+    const float norm = sqrtf(ss);
+    const float inv = 1.f / fmaxf(norm, eps);
+    Tout* out_row = out + static_cast<size_t>(row) * c_pad;
+    for (int ch = lane; ch < c_pad; ch += 32)
+        out_row[ch] = from_float<Tout>(ch < c_in ? to_float(x_row[ch]) * inv : 0.f);
+    if (norm_out != nullptr && lane == 0) norm_out[row] = norm;
+}
+
+// One warp per row: dq = g * grad_q[:, :c], q = s / max(norm, eps),
+// ds = (dq - q (q . dq) [norm > eps]) / max(norm, eps) (RowGradLoss.backward of kernels/contrastive.py); g is the
+// upstream gradient (a device scalar).
+template <typename T>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    scale_backward_kernel(const T* __restrict__ s, const float* __restrict__ norm, const float* __restrict__ grad_q,
+                          const float* __restrict__ grad_out, int n, int c, int c_pad, float eps, T* __restrict__ ds) {
+    const int row = blockIdx.x * kRowWarps + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= n) return;
+    const float row_norm = norm[row];
+    const float inv = 1.f / fmaxf(row_norm, eps);
+    const float g = *grad_out;
+    const T* s_row = s + static_cast<size_t>(row) * c;
+    const float* gq_row = grad_q + static_cast<size_t>(row) * c_pad;
+    float dot = 0.f;
+    for (int ch = lane; ch < c; ch += 32) dot = fmaf(to_float(s_row[ch]) * inv, gq_row[ch] * g, dot);
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFullMask, dot, offset);
+    const float proj = row_norm > eps ? dot : 0.f;
+    T* ds_row = ds + static_cast<size_t>(row) * c;
+    for (int ch = lane; ch < c; ch += 32) {
+        const float q = to_float(s_row[ch]) * inv;
+        ds_row[ch] = from_float<T>((gq_row[ch] * g - q * proj) * inv);
     }
 }
 
@@ -525,6 +596,53 @@ int facd_kernel_info(int dtype, int c, int device, int* info) {
     if (c == C_ && dtype == 1) return kernel_info<__nv_bfloat16, C_, __VA_ARGS__>(info);
     FACD_TILES(FACD_INFO)
 #undef FACD_INFO
+    return kUnsupported;
+}
+
+// Operand preparation: in_dtype 0 = fp16, 1 = bf16, 2 = fp32 (x: n x c_in); out_dtype 0 = fp16, 1 = bf16 (out:
+// n x c_pad); norm (n floats) may be null.
+int facd_prepare(int in_dtype, int out_dtype, int device, const void* x, int n, int c_in, int c_pad, float eps,
+                 void* out, float* norm, void* stream) {
+    if (n <= 0 || c_in <= 0 || c_pad < c_in) return kBadArgument;
+    const cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((n + kRowWarps - 1) / kRowWarps), block(kRowWarps * 32);
+    const cudaStream_t st = static_cast<cudaStream_t>(stream);
+#define FACD_PREPARE(IN_CODE, TIN, OUT_CODE, TOUT)                                                                  \
+    if (in_dtype == IN_CODE && out_dtype == OUT_CODE) {                                                             \
+        prepare_kernel<TIN, TOUT><<<grid, block, 0, st>>>(static_cast<const TIN*>(x), n, c_in, c_pad, eps,          \
+                                                          static_cast<TOUT*>(out), norm);                          \
+        return cudaGetLastError();                                                                                  \
+    }
+    FACD_PREPARE(0, __half, 0, __half)
+    FACD_PREPARE(1, __nv_bfloat16, 0, __half)
+    FACD_PREPARE(2, float, 0, __half)
+    FACD_PREPARE(0, __half, 1, __nv_bfloat16)
+    FACD_PREPARE(1, __nv_bfloat16, 1, __nv_bfloat16)
+    FACD_PREPARE(2, float, 1, __nv_bfloat16)
+#undef FACD_PREPARE
+    return kUnsupported;
+}
+
+// Normalisation backward: dtype (of s and ds, n x c) 0 = fp16, 1 = bf16, 2 = fp32; grad_q: n x c_pad floats;
+// grad_out: one float on the device.
+int facd_scale_backward(int dtype, int device, const void* s, const float* norm, const float* grad_q,
+                        const float* grad_out, int n, int c, int c_pad, float eps, void* ds, void* stream) {
+    if (n <= 0 || c <= 0 || c_pad < c) return kBadArgument;
+    const cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((n + kRowWarps - 1) / kRowWarps), block(kRowWarps * 32);
+    const cudaStream_t st = static_cast<cudaStream_t>(stream);
+#define FACD_BACKWARD(CODE, T)                                                                                      \
+    if (dtype == CODE) {                                                                                            \
+        scale_backward_kernel<T><<<grid, block, 0, st>>>(static_cast<const T*>(s), norm, grad_q, grad_out, n, c,    \
+                                                         c_pad, eps, static_cast<T*>(ds));                          \
+        return cudaGetLastError();                                                                                  \
+    }
+    FACD_BACKWARD(0, __half)
+    FACD_BACKWARD(1, __nv_bfloat16)
+    FACD_BACKWARD(2, float)
+#undef FACD_BACKWARD
     return kUnsupported;
 }
 

@@ -80,7 +80,8 @@ def validate(
 ) -> torch.Tensor:
     """Check the arguments of ``contrastive_loss`` (ValueError with the reason); return pos as a long tensor.
 
-    Value checks (pos range, negatives per row) read back one small tensor each, i.e. synchronise on CUDA.
+    Value checks of an explicit pos (range, negatives per row) read back one small tensor each, i.e. synchronise on
+    CUDA; with the default pos (arange, N == M) everything is decided on the host.
     """
     if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
@@ -95,7 +96,8 @@ def validate(
         raise ValueError(f"s and t must be on the same device, got {s.device} and {t.device}")
     if t.requires_grad:
         raise ValueError("t must not require grad (the teacher is frozen): pass t.detach()")
-    if pos is None:
+    default_pos = pos is None
+    if default_pos:
         if n != m:
             raise ValueError(f"pos is required when N != M (N={n}, M={m})")
         pos = torch.arange(n, device=s.device)
@@ -123,16 +125,24 @@ def validate(
         return pos
     if not isinstance(rows_per_image, int) or isinstance(rows_per_image, bool) or rows_per_image < 1:
         raise ValueError(f"rows_per_image must be a positive int, got {rows_per_image!r}")
+    if default_pos:  # every positive lies in its row's own image; image 0 owns the most columns, min(R, M)
+        if m - min(rows_per_image, m) < 1:
+            raise _no_negatives(0, n, m, rows_per_image)
+        return pos
     image = torch.arange(n, device=s.device) // rows_per_image
     own_columns = (((image + 1) * rows_per_image).clamp(max=m) - image * rows_per_image).clamp(min=0)
     negatives = m - own_columns - (pos // rows_per_image != image).long()  # the positive is no negative either
     fewest, row = torch.stack([negatives.min(), negatives.argmin()]).tolist()
     if fewest < 1:
-        raise ValueError(
-            f"row {row} has no negative column left (N={n}, M={m}, rows_per_image={rows_per_image}): negatives "
-            "come from other images only, so the batch needs at least two images"
-        )
+        raise _no_negatives(row, n, m, rows_per_image)
     return pos
+
+
+def _no_negatives(row: int, n: int, m: int, rows_per_image: int) -> ValueError:
+    return ValueError(
+        f"row {row} has no negative column left (N={n}, M={m}, rows_per_image={rows_per_image}): negatives "
+        "come from other images only, so the batch needs at least two images"
+    )
 
 
 def naive_loss(s, t, *, tau, pos=None, rows_per_image=None, weight=None) -> torch.Tensor:
@@ -175,7 +185,7 @@ def cuda_loss(s, t, *, tau, pos=None, rows_per_image=None, weight=None) -> torch
     from kernels import cuda  # (kernels.cuda imports this module)
 
     pos = validate(s, t, tau, pos, rows_per_image, weight)
-    return RowGradLoss.apply(s, cuda.kernel_engine(s, t, pos, tau=tau, rows_per_image=rows_per_image, weight=weight))
+    return cuda.kernel_loss(s, t, pos, tau=tau, rows_per_image=rows_per_image, weight=weight)
 
 
 def contrastive_loss(s, t, *, tau, pos=None, rows_per_image=None, weight=None, impl="auto") -> torch.Tensor:

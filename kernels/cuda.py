@@ -8,6 +8,10 @@ error, raised as KernelUnavailable.
 Operands: fp16 inputs -> fp16, bf16 -> bf16, fp32 -> fp16 (normalised rows are within [-1, 1], so fp16 keeps 11
 significant bits without range problems; accuracy is the fp16 row of the tolerance table). Channels are zero-padded
 to the next size of the tile table (16, 32, 64, 128, 256), which changes no dot product.
+
+Two ways around the kernel (``FUSED_PRE_POST``): False: ``RowGradLoss`` with ``kernel_engine`` (row norms, operand
+conversion and the normalisation backward as PyTorch elementwise ops, about 25 small kernels per step); True:
+``KernelLoss``, the same math in two fused row kernels of the library (``facd_prepare``, ``facd_scale_backward``).
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from functools import cache
 import torch
 
 from kernels.build import KernelUnavailable, Tile, build_kernel, tile_table
-from kernels.contrastive import EPS, Engine
+from kernels.contrastive import EPS, Engine, RowGradLoss
 from kernels.emulate import kernel_tile, split_layout
 
 OPERAND_DTYPES = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16, torch.float32: torch.float16}
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_ROW_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # inputs of the fused row kernels
+# True: normalisation + its backward in fused row kernels (KernelLoss); False: PyTorch ops (RowGradLoss).
+FUSED_PRE_POST = True
+KERNEL_INFO_FIELDS = (
+    "registers", "local_bytes", "blocks_per_sm", "smem_bytes", "block_rows", "block_cols", "threads",
+    "min_blocks", "q_in_registers", "stages", "lazy_rescale", "binary_version",
+)  # fmt: skip
 _library: ctypes.CDLL | KernelUnavailable | None = None
 
 
@@ -42,6 +53,16 @@ def load_library(path) -> ctypes.CDLL:
     lib.facd_blocks_per_sm.argtypes = [c_int, c_int, c_int, ctypes.POINTER(c_int)]
     lib.facd_error_string.restype = ctypes.c_char_p
     lib.facd_error_string.argtypes = [c_int]
+    if hasattr(lib, "facd_kernel_info"):  # (absent from older sources, e.g. the tuning experiment's control)
+        lib.facd_kernel_info.restype = c_int
+        lib.facd_kernel_info.argtypes = [c_int, c_int, c_int, ctypes.POINTER(c_int)]
+    if hasattr(lib, "facd_prepare"):
+        lib.facd_prepare.restype = c_int
+        # in dtype, out dtype, device | x | n, c_in, c_pad | eps | out, norm, stream
+        lib.facd_prepare.argtypes = [c_int] * 3 + [ptr] + [c_int] * 3 + [c_float] + [ptr] * 3
+        lib.facd_scale_backward.restype = c_int
+        # dtype, device | s, norm, grad_q, grad_out | n, c, c_pad | eps | ds, stream
+        lib.facd_scale_backward.argtypes = [c_int] * 2 + [ptr] * 4 + [c_int] * 3 + [c_float] + [ptr] * 2
     return lib
 
 
@@ -58,6 +79,14 @@ def library() -> ctypes.CDLL:
     return _library
 
 
+def reset_library() -> None:
+    """Forget the loaded library and the per-device occupancy cache: the next call builds / loads the library for the
+    current $FACD_KERNEL_SOURCE and $FACD_KERNEL_ARCHS (the tuning experiment switches kernel variants this way)."""
+    global _library
+    _library = None
+    _device_splits_info.cache_clear()
+
+
 def check(lib: ctypes.CDLL, code: int, what: str) -> None:
     """Raise KernelUnavailable with the library's message for a non-zero return code."""
     if code != 0:
@@ -69,6 +98,15 @@ def blocks_per_sm(lib: ctypes.CDLL, dtype: torch.dtype, channels: int, device: i
     blocks = ctypes.c_int(0)
     check(lib, lib.facd_blocks_per_sm(_DTYPE_CODES[dtype], channels, device, ctypes.byref(blocks)), "occupancy query")
     return blocks.value
+
+
+def kernel_info(lib: ctypes.CDLL, dtype: torch.dtype, channels: int, device: int) -> dict[str, int]:
+    """Registers, local (spill) bytes, resident blocks per SM, shared memory and tile of the compiled partial kernel."""
+    if not hasattr(lib, "facd_kernel_info"):
+        return {"blocks_per_sm": blocks_per_sm(lib, dtype, channels, device)}
+    info = (ctypes.c_int * len(KERNEL_INFO_FIELDS))()
+    check(lib, lib.facd_kernel_info(_DTYPE_CODES[dtype], channels, device, info), "kernel info query")
+    return dict(zip(KERNEL_INFO_FIELDS, info))
 
 
 def choose_splits(n: int, m: int, tile: Tile, sm_count: int, resident_blocks: int, max_splits: int = 8) -> int:
@@ -181,8 +219,11 @@ def kernel_engine(
     tau: float,
     rows_per_image: int | None,
     weight: torch.Tensor | None,
+    splits: int | None = None,
 ) -> Engine:
-    """The ``RowGradLoss`` engine running the kernel (inputs already validated; KernelUnavailable if unusable)."""
+    """The ``RowGradLoss`` engine running the kernel (inputs already validated; KernelUnavailable if unusable).
+
+    ``splits``: column splits (None: the occupancy heuristic)."""
     reason = unavailable_reason(s)
     if reason is not None:
         raise KernelUnavailable(reason)
@@ -194,10 +235,78 @@ def kernel_engine(
 
     def engine(s_: torch.Tensor, inv_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = _operand(s_, inv_norm, dtype, channels)
-        loss_rows, _, grad = forward(q, k, pos, tau=tau, rows_per_image=rows_per_image, weight=w)
+        loss_rows, _, grad = forward(q, k, pos, tau=tau, rows_per_image=rows_per_image, weight=w, splits=splits)
         return loss_rows, grad
 
     return engine
+
+
+def prepare(x: torch.Tensor, dtype: torch.dtype, channels: int, with_norm: bool):
+    """Fused ``facd_prepare``: (x_i / max(||x_i||, EPS) in ``dtype`` zero-padded to ``channels``, float32 norms or
+    None) for a contiguous fp32/fp16/bf16 CUDA matrix x, on the current stream."""
+    lib = library()
+    n, c = x.shape
+    out = torch.empty((n, channels), dtype=dtype, device=x.device)
+    norm = torch.empty(n, dtype=torch.float32, device=x.device) if with_norm else None
+    with torch.cuda.device(x.device):  # (the library sets the device; restore torch's afterwards)
+        code = lib.facd_prepare(
+            _ROW_DTYPE_CODES[x.dtype], _DTYPE_CODES[dtype], x.device.index, x.data_ptr(), n, c, channels, EPS,
+            out.data_ptr(), None if norm is None else norm.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream,
+        )  # fmt: skip
+    check(lib, code, "facd_prepare")
+    return out, norm
+
+
+class KernelLoss(torch.autograd.Function):
+    """``RowGradLoss`` with the kernel engine, the row norms / operand conversion and the normalisation backward done
+    by the library's fused row kernels (same math in float32; see RowGradLoss for the formulas)."""
+
+    @staticmethod
+    def forward(ctx, s, t, pos, tau, rows_per_image, weight, splits):
+        dtype = OPERAND_DTYPES[s.dtype]
+        channels = kernel_tile(s.shape[1]).channels
+        s = s.contiguous()
+        t = (t if t.dtype in _ROW_DTYPE_CODES else t.float()).contiguous()
+        q, norm = prepare(s, dtype, channels, with_norm=True)
+        k, _ = prepare(t, dtype, channels, with_norm=False)
+        w = None if weight is None else weight.float().contiguous()
+        loss_rows, _, grad_q = forward(
+            q, k, pos.contiguous(), tau=tau, rows_per_image=rows_per_image, weight=w, splits=splits
+        )
+        ctx.save_for_backward(s, norm, grad_q)
+        return loss_rows.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "contrastive_loss does not support double backward (create_graph=True): its gradient is computed in "
+                "the forward pass"
+            )
+        s, norm, grad_q = ctx.saved_tensors
+        g = grad_out.float().contiguous()
+        ds = torch.empty_like(s)
+        lib = library()
+        with torch.cuda.device(s.device):
+            code = lib.facd_scale_backward(
+                _ROW_DTYPE_CODES[s.dtype], s.device.index, s.data_ptr(), norm.data_ptr(), grad_q.data_ptr(),
+                g.data_ptr(), s.shape[0], s.shape[1], grad_q.shape[1], EPS, ds.data_ptr(),
+                torch.cuda.current_stream(s.device).cuda_stream,
+            )  # fmt: skip
+        check(lib, code, "facd_scale_backward")
+        return ds, None, None, None, None, None, None
+
+
+def kernel_loss(s, t, pos, *, tau, rows_per_image, weight, splits=None, fused=None) -> torch.Tensor:
+    """The loss through the kernel (inputs already validated): ``KernelLoss`` if ``fused`` (default
+    ``FUSED_PRE_POST``), else ``RowGradLoss`` with ``kernel_engine``. KernelUnavailable if the kernel is unusable."""
+    reason = unavailable_reason(s)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    if FUSED_PRE_POST if fused is None else fused:
+        return KernelLoss.apply(s, t, pos, float(tau), rows_per_image, weight, splits)
+    engine = kernel_engine(s, t, pos, tau=tau, rows_per_image=rows_per_image, weight=weight, splits=splits)
+    return RowGradLoss.apply(s, engine)
 
 
 def _operand(x: torch.Tensor, inv_norm: torch.Tensor, dtype: torch.dtype, channels: int) -> torch.Tensor:

@@ -3,8 +3,10 @@ emulation of the CUDA kernel's tiled algorithm (against the oracle and the toler
 shared/notes/fused_kernel.md), input validation, the nvcc compile (no spills, no warnings) and the kernel library's
 cache and loading without a GPU."""
 
+import json
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -206,7 +208,9 @@ def test_tile_table_fits_every_target():
     assert sorted(table) == [16, 32, 64, 128, 256]
     for c, tile in table.items():
         assert tile.block_cols % 16 == 0 and tile.block_rows % 16 == 0
-        assert (tile.block_rows + 2 * tile.block_cols) * (c + 8) * 2 <= 99 * 1024
+        assert tile.stages >= 2 and tile.min_blocks >= 1 and tile.q_in_registers in (0, 1) and tile.lazy_rescale >= 0
+        assert tile.lazy_rescale <= 15  # P <= 2^LAZY must stay far from fp16's 65504
+        assert tile.smem_bytes() == (tile.block_rows + tile.stages * tile.block_cols) * (c + 8) * 2 <= 99 * 1024
     assert kernel_tile(40).channels == 64 and kernel_tile(256).channels == 256
     with pytest.raises(KernelUnavailable, match="at most 256"):
         kernel_tile(257)
@@ -222,7 +226,7 @@ def test_split_ranges_cover_the_columns_in_whole_tiles(m, block_cols, splits):
 
 
 def test_choose_splits_fills_the_last_wave():
-    tile = build.tile_table()[64]  # 128 rows x 64 columns
+    tile = build.Tile(64, 2, 4, 64)  # 128 rows x 64 columns
     # 36864 rows: 288 row blocks; 132 SMs x 2 blocks: fills .55, .73, .82, .87 for 1..4 splits -> 4
     assert cuda.choose_splits(36864, 36864, tile, sm_count=132, resident_blocks=2) == 4
     assert cuda.choose_splits(36864, 36864, tile, sm_count=144, resident_blocks=2) == 1  # 288 = one full wave
@@ -272,6 +276,22 @@ def test_row_without_negatives_is_named():
     assert torch.isfinite(contrastive_loss(s, torch.randn(9, 3), tau=0.1, pos=pos, rows_per_image=4))
 
 
+@pytest.mark.parametrize("n, rows_per_image", [(8, 8), (8, 9), (8, 7), (9, 4), (1, 1), (2, 1), (5, 5), (6, 5)])
+def test_default_pos_negatives_check_on_the_host_matches_the_device_check(n, rows_per_image):
+    """With pos=None the negatives check is decided without reading the device; it must agree with the explicit
+    pos=arange path (which computes it on the device)."""
+    s, t = torch.randn(n, 3), torch.randn(n, 3)
+
+    def outcome(pos):
+        try:
+            contrastive_loss(s, t, tau=0.1, pos=pos, rows_per_image=rows_per_image)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    assert outcome(None) == outcome(torch.arange(n))
+
+
 def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="same device"):
         contrastive_loss(torch.randn(4, 3), torch.empty(4, 3, device="meta"), tau=0.1)
@@ -306,9 +326,138 @@ def compile_reports():
 def test_compiles_without_spills_or_warnings(compile_reports, arch):
     log, spills, warnings = compile_reports[arch]
     assert f"for '{arch}'" in log  # ptxas reported on this architecture's kernels
-    assert log.count("Compiling entry function") == 2 * (len(build.tile_table()) + 1)  # both dtypes, + combine
+    # partial kernels for both dtypes, + 2 combine kernels, + 6 prepare (3 inputs x 2 operands) + 3 backward
+    assert log.count("Compiling entry function") == 2 * (len(build.tile_table()) + 1) + 6 + 3
     assert spills == 0, log
     assert warnings == [], "\n".join(warnings)
+
+
+def test_tile_table_parsing_and_replacement():
+    text = build.SOURCE.read_text()
+    table = build.parse_tile_table(text)
+    assert table == build.tile_table()
+    variant = build.Tile(64, 1, 8, 128, 2, 1, 3, 8)
+    other = build.replace_tile_table(text, [variant, table[256]])
+    assert build.parse_tile_table(other) == {64: variant, 256: table[256]}
+    assert other.replace(other[other.index("#define FACD_TILES") : other.index("namespace {")], "") == text.replace(
+        text[text.index("#define FACD_TILES") : text.index("namespace {")], ""
+    )  # nothing else changes
+    assert variant.row() == "X(64, 1, 8, 128, 2, 1, 3, 8)" and variant.block_rows == 128
+    # the first benchmark's 4-column rows still parse (trailing columns take the defaults)
+    assert build.parse_tile_table("#define FACD_TILES(X) \\\n    X(64, 2, 4, 64)\n")[64] == build.Tile(64, 2, 4, 64)
+
+
+def test_source_and_arch_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACD_KERNEL_CACHE", str(tmp_path))
+    default = build.library_path()
+    assert build.default_archs() == build.DEFAULT_ARCHS and build.source_path() == build.SOURCE
+    monkeypatch.setenv("FACD_KERNEL_ARCHS", "sm_90")
+    assert build.default_archs() == ("sm_90",) and build.library_path() == build.library_path(("sm_90",)) != default
+    variant = tmp_path / "variant.cu"
+    variant.write_text(build.replace_tile_table(build.SOURCE.read_text(), [build.Tile(64, 2, 4, 32, 3, 0, 2, 8)]))
+    monkeypatch.setenv("FACD_KERNEL_SOURCE", str(variant))
+    assert build.source_path() == variant and sorted(build.tile_table()) == [64]
+    assert kernel_tile(16).block_cols == 32  # the emulation and split heuristic follow the selected source
+    assert build.library_path(("sm_90",)) != build.library_path(("sm_90",), build.SOURCE)
+
+
+def test_tune_variants_are_well_formed():
+    from kernels import tune
+
+    assert tune.V1_SOURCE.is_file() and sorted(build.tile_table(tune.V1_SOURCE)) == [16, 32, 64, 128, 256]
+    for name, (c, tile, note) in tune.VARIANTS.items():
+        assert note and (tile is None) == name.startswith("v1")
+        if tile is not None:
+            assert tile.channels == c and tile.block_cols % 16 == 0 and tile.stages >= 2
+            assert tile.smem_bytes() <= 99 * 1024, name  # adoptable on every target
+    rows = {tile for _, tile, _ in tune.VARIANTS.values()}
+    assert build.tile_table()[64] in rows and build.tile_table()[256] in rows  # the default is always re-measured
+
+
+def test_tune_summary_of_synthetic_results():
+    """The experiment's report writer (runs on the GPU machine at the end; must not fail on partial results)."""
+    from kernels import tune
+
+    def variant(name, ms, ok=True, local=0):
+        c, tile, note = tune.VARIANTS[name]
+        return {
+            "name": name, "c": c, "note": note, "row": tile.row() if tile else "v1",
+            "info": {"float16": {"registers": 200, "local_bytes": local, "blocks_per_sm": 2, "smem_bytes": 36864}},
+            "correctness": {"ok": ok, "checks": {"oracle table float16 unfused": {"ok": ok}}},
+            "heuristic_splits": 4, "best_raw_splits": 3, "raw": {"3": {"p50_ms": ms - 0.1}, "4": {"p50_ms": ms}},
+            "fwd_bwd": {"unfused/4": {"p50_ms": ms + 0.05}, "unfused/3": {"p50_ms": ms},
+                        "fused/4": {"p50_ms": ms - 0.02}, "fused/3": {"p50_ms": ms - 0.07}},
+            "profile": {"fused": {"gpu_us_per_step": {"partial_kernel": 1000.0}, "kernels_per_step": {"other": 3}}},
+        }  # fmt: skip
+
+    results = {
+        "baselines": {"name": "baselines", "rows": {"64": {"naive": {"p50_ms": 9.6}, "cublas": {"p50_ms": 0.86}}}},
+        "v1-c64": variant("v1-c64", 1.42),
+        "c64-base": variant("c64-base", 1.30),
+        "c64-lazy": variant("c64-lazy", 1.10, ok=False),
+        "c64-bn32": variant("c64-bn32", 1.20, local=16),
+        "c64-8w16r": variant("c64-8w16r", 1.25),
+        "c64-8w32r": {"name": "c64-8w32r", "c": 64, "error": "timeout"},
+        "v1-c64@end": variant("v1-c64", 1.43),
+    }
+    text = tune.summarize({"n": 36864, "device": {"name": "GPU"}, "results": results, "failures": []})
+    assert "winner C=64: c64-8w16r (fused, heuristic splits 4): 1.23 ms vs control 1.47 ms (1.20x)" in text
+    assert "note: 3 splits would give 1.18 ms (the heuristic picks 4)" in text
+    assert "X(64, 1, 8, 64, 2, 1, 2, 8)" in text and "FUSED_PRE_POST = True" in text
+    assert "ERROR timeout" in text and "local memory 16 B" in text and "failed: oracle table" in text
+    assert "control drift" in text and "no eligible variant" in text  # (C = 256: nothing ran)
+
+
+FAKE_WORKER = """
+import json, sys, time
+args = sys.argv[sys.argv.index("--only") + 1 :]
+print("@@DEVICE " + json.dumps({"name": "fake"}), flush=True)
+for name in args:
+    print("@@START " + json.dumps(name), flush=True)
+    if name == "c64-lazy":
+        sys.exit(3)  # a crash without a result
+    if name == "c64-bn32":
+        time.sleep(60)  # a hang
+    if name == "c64-8w32r":  # an error reported before exiting (as the real worker does after a CUDA error)
+        print("@@RESULT " + json.dumps({"name": name, "error": "RuntimeError('CUDA error')"}), flush=True)
+        sys.exit(3)
+    if name == "baselines":
+        print("@@RESULT " + json.dumps({"name": name, "rows": {"64": {"cublas": {"p50_ms": 1.0}}}}), flush=True)
+        continue
+    if name.startswith("profile:"):
+        profile = {"unfused": {"gpu_us_per_step": {"partial_kernel": 900.0}, "kernels_per_step": {"other": 20}}}
+        print("@@RESULT " + json.dumps({"name": name, "splits": 1, "profile": profile}), flush=True)
+        continue
+    result = {"name": name, "c": 64, "note": "", "row": "X()", "info": {}, "heuristic_splits": 1, "best_raw_splits": 1,
+              "correctness": {"ok": True, "checks": {}}, "raw": {"1": {"p50_ms": 1.0}},
+              "fwd_bwd": {"unfused/1": {"p50_ms": 2.0 if name.startswith("v1") else 1.5}}}
+    print("@@RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def test_tune_scheduler_survives_crashes_and_hangs(tmp_path, monkeypatch):
+    from kernels import tune
+
+    fake = tmp_path / "fake_worker.py"
+    monkeypatch.setattr(tune, "WORKER_PYTHON", str(fake))
+    monkeypatch.setattr(tune, "build_all", lambda names, archs, root: {n: {"source": f"{n}.cu"} for n in names})
+    fake.write_text("#!" + sys.executable + "\n" + FAKE_WORKER)  # (run as a script: "-m kernels.tune" is ignored)
+    fake.chmod(0o755)
+    names = ["v1-c64", "c64-base", "c64-lazy", "c64-8w32r", "c64-bn32", "c64-8w16r"]
+    args = ["--out", str(tmp_path / "out"), "--arch", "sm_90", "--variant-timeout", "1", "--budget", "60"]
+    assert tune.main(args + ["--only", *names]) == 0
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert set(report["results"]) == {"baselines", *names, "v1-c64@end"}
+    assert report["results"]["c64-lazy"]["error"] == "worker exited (3)"
+    assert report["results"]["c64-bn32"]["error"] == "timeout"
+    assert report["results"]["c64-8w32r"]["error"] == "RuntimeError('CUDA error')"
+    assert "fwd_bwd" in report["results"]["c64-8w16r"] and "fwd_bwd" in report["results"]["v1-c64@end"]
+    assert [f["name"] for f in report["failures"]] == ["c64-lazy", "c64-bn32"]
+    summary = (tmp_path / "out" / "tune_summary.txt").read_text()
+    assert "winner C=64: c64-base (unfused, heuristic splits 1): 1.5 ms vs control 2.0 ms" in summary
+    assert "kernel / cublas: 1.50" in summary
+    assert "profile winner unfused (splits 1): GPU us/step {'partial_kernel': 900.0}" in summary
+    assert "profile control unfused" in summary
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +484,6 @@ def test_library_loads_and_fails_cleanly_without_gpu(built_library):
     with pytest.raises(KernelUnavailable, match="occupancy query failed"):
         cuda.blocks_per_sm(lib, torch.float16, 64, 0)
     assert b"tile configuration" in lib.facd_error_string(-1)
+    with pytest.raises(KernelUnavailable, match="kernel info query failed"):
+        cuda.kernel_info(lib, torch.float16, 64, 0)
+    assert lib.facd_prepare(2, 0, 0, None, 4, 8, 4, 1e-8, None, None, None) == -2  # c_pad < c_in: rejected first
