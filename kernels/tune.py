@@ -1,7 +1,7 @@
 """Tuning experiment for the fused kernel on a GPU: ``python -m kernels.tune --out DIR`` (benchmarks/kernel_tune.sh).
 
-Each variant is kernels/contrastive.cu with its FACD_TILES table replaced by one row (``VARIANTS``); ``v1`` is the
-kernel of the first GPU benchmark (benchmarks/tune/contrastive_v1.cu, two barriers per K tile), the control. Steps:
+Each variant is kernels/contrastive.cu with its FACD_TILES table replaced by one row (``VARIANTS``); each C's
+``c{C}-base`` row (the tile before tuning) is the control. Steps:
 
 1. build every variant library for the local GPU's architecture only, in parallel (cached in $FACD_KERNEL_CACHE);
 2. one worker process runs the baselines (naive, SDPA with V = K, cuBLAS Q K^T; fp16, forward + backward) and then,
@@ -11,8 +11,9 @@ kernel of the first GPU benchmark (benchmarks/tune/contrastive_v1.cu, two barrie
    (partial + combine) for several column-split counts, then forward + backward through the CUDA loss path with
    PyTorch pre/post ops (``unfused``, as contrastive_loss today) and with the fused row kernels (``fused``) at the
    heuristic's and the best split count. A crashed or hung worker is replaced (the variant in flight is recorded as
-   failed); the control runs again last to show drift; finally a profiler breakdown (GPU time per kernel group) of
-   one step per mode for each C's control and two fastest variants (last: CUPTI may slow later launches);
+   failed); the C = 64 control (c64-base) runs again last to show drift; finally a profiler breakdown (GPU time per
+   kernel group) of one step per mode for each C's control and two fastest other variants (last: CUPTI may slow
+   later launches);
 3. writes tune.jsonl (results as they come), tune.json and tune_summary.txt (the winner per C and its FACD_TILES row).
 
 Switching the default to a winner: paste the printed X(...) row over the row with the same C in FACD_TILES of
@@ -41,14 +42,12 @@ from pathlib import Path
 from kernels import build
 from kernels.build import Tile
 
-V1_SOURCE = Path(__file__).resolve().parent.parent / "benchmarks" / "tune" / "contrastive_v1.cu"
 TAU = 0.07
 SMEM_LIMIT = 99 * 1024  # every target (sm_86 / sm_89: 99 KB per block)
 
-# name -> (channels, FACD_TILES row or None for the v1 control, what it tests)
-VARIANTS: dict[str, tuple[int, Tile | None, str]] = {
-    "v1-c64": (64, None, "control: first GPU benchmark's kernel (128x64 tile, 2 barriers per K tile)"),
-    "c64-base": (64, Tile(64, 2, 4, 64, 1, 1, 2, 0), "v1 tile with 1 barrier per K tile (default before tuning)"),
+# name -> (channels, FACD_TILES row, what it tests); c{C}-base, the tile before tuning, is each C's control
+VARIANTS: dict[str, tuple[int, Tile, str]] = {
+    "c64-base": (64, Tile(64, 2, 4, 64, 1, 1, 2, 0), "control: the tile before tuning (128x64, 1 barrier per K tile)"),
     "c64-lazy": (64, Tile(64, 2, 4, 64, 1, 1, 2, 8), "+ lazy rescale of O (threshold 2^8)"),
     "c64-lazy-3st": (64, Tile(64, 2, 4, 64, 1, 1, 3, 8), "+ 3 K stages"),
     "c64-bn32-3blk": (64, Tile(64, 2, 4, 32, 3, 0, 2, 8), "BN 32, Q from smem, <= 168 regs: 3 blocks/SM"),
@@ -59,8 +58,7 @@ VARIANTS: dict[str, tuple[int, Tile | None, str]] = {
     "c64-8w32r": (64, Tile(64, 2, 8, 64, 1, 1, 2, 8), "8 warps x 32 rows (BM 256), 1 block/SM"),
     "c64-8w16r-bn128": (64, Tile(64, 1, 8, 128, 1, 1, 2, 8), "8 warps x 16 rows, BN 128"),
     "c64-4w16r-bn128": (64, Tile(64, 1, 4, 128, 2, 1, 2, 8), "4 warps x 16 rows (BM 64), BN 128"),
-    "v1-c256": (256, None, "control: first GPU benchmark's kernel (64x32 tile, Q from smem)"),
-    "c256-base": (256, Tile(256, 1, 4, 32, 1, 0, 2, 0), "v1 tile with 1 barrier per K tile (default before tuning)"),
+    "c256-base": (256, Tile(256, 1, 4, 32, 1, 0, 2, 0), "control: the tile before tuning (64x32, Q from smem)"),
     "c256-lazy": (256, Tile(256, 1, 4, 32, 1, 0, 2, 8), "+ lazy rescale (saves 128 FMUL per thread per tile)"),
     "c256-lazy-qreg": (256, Tile(256, 1, 4, 32, 1, 1, 2, 8), "+ Q fragments in registers (-20% ldmatrix)"),
     "c256-lazy-3st": (256, Tile(256, 1, 4, 32, 1, 0, 3, 8), "+ 3 K stages"),
@@ -76,10 +74,8 @@ UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def variant_source(name: str, root: Path) -> Path:
-    """The .cu file of a variant (written under ``root`` unless it is the control)."""
+    """The .cu file of a variant (written under ``root``)."""
     _, tile, _ = VARIANTS[name]
-    if tile is None:
-        return V1_SOURCE
     path = root / f"{name}.cu"
     text = build.replace_tile_table(build.SOURCE.read_text(), [tile])
     if not path.is_file() or path.read_text() != text:
@@ -368,12 +364,12 @@ def run_variant(name: str, n: int, warmup: int, iters: int, checks: bool = True)
     from kernels.contrastive import validate
     from kernels.emulate import kernel_tile
 
-    c, row, note = VARIANTS[name]
+    c, _, note = VARIANTS[name]
     lib = cuda.library()
     fused_available = hasattr(lib, "facd_prepare")
     result = {"name": name, "c": c, "note": note, "library": str(build.library_path())}
     tile = kernel_tile(c)
-    result["row"] = tile.row() if row is not None else f"v1 X({c}, {tile.warp_mtiles}, {tile.warps}, {tile.block_cols})"
+    result["row"] = tile.row()
     result["info"] = {
         str(d).removeprefix("torch."): cuda.kernel_info(lib, d, c, 0) for d in (torch.float16, torch.bfloat16)
     }
@@ -573,7 +569,7 @@ def summarize(report: dict) -> str:
                 f"{fus or '-':>7} {best_text:>18} {'ok' if r['correctness']['ok'] else 'FAIL':>5}  {r['row']}  "
                 f"{r['note']}" + (f" [{why}]" if why else "")
             )
-            if ok and not name.startswith("v1"):
+            if ok:  # (the control too: the tile before tuning may still be the fastest)
                 for mode, ms in (("unfused", unf), ("fused", fus)):
                     if ms:
                         ranked.append((ms, name, mode, r["heuristic_splits"], r))
@@ -582,7 +578,7 @@ def summarize(report: dict) -> str:
             continue
         ranked.sort(key=lambda x: x[0])
         ms, name, mode, splits, r = ranked[0]
-        control = next((x for x in report["results"].values() if x.get("name") == f"v1-c{c}"), None)
+        control = report["results"].get(f"c{c}-base")
         control_ms = at_heuristic(control, "unfused") if control else None
         versus = f" vs control {control_ms} ms ({control_ms / ms:.2f}x)" if control_ms else ""
         lines.append(f"winner C={c}: {name} ({mode}, heuristic splits {splits}): {ms} ms{versus}")
@@ -597,7 +593,7 @@ def summarize(report: dict) -> str:
             lines.append(f"  sdpa / kernel: {bl['sdpa'] / ms:.2f} (target >= 1)")
         extra = r["fwd_bwd"].get(f"{mode}/{splits}", {}).get("extra_mib")
         lines.append(f"  extra memory: {extra} MiB (target < 64)")
-        for who, res in (("winner", r), ("control", control)):
+        for who, res in (("winner", r), ("control", control if control is not r else None)):
             for m, prof in (res or {}).get("profile", {}).items():
                 if isinstance(prof, dict) and "gpu_us_per_step" in prof:
                     lines.append(f"  profile {who} {m} (splits {res.get('profile_splits')}): GPU us/step "
@@ -609,10 +605,10 @@ def summarize(report: dict) -> str:
         best_unfused = next((x for x in ranked if x[2] == "unfused"), None)
         if best_unfused and best_unfused[1] != name:
             lines.append(f"  (best unfused: {best_unfused[1]} {best_unfused[0]} ms, row {best_unfused[4]['row']})")
-    drift = [report["results"].get(x) for x in ("v1-c64", "v1-c64@end")]
+    drift = [report["results"].get(x) for x in ("c64-base", "c64-base@end")]
     if all(d and at_heuristic(d, "unfused") for d in drift):
         a, b = (at_heuristic(d, "unfused") for d in drift)
-        lines.append(f"\ncontrol drift (v1-c64 first vs last): {a} -> {b} ms ({(b / a - 1) * 100:+.1f}%)")
+        lines.append(f"\ncontrol drift (c64-base first vs last): {a} -> {b} ms ({(b / a - 1) * 100:+.1f}%)")
     failures = report.get("failures", [])
     if failures:
         lines.append(f"worker failures: {failures}")
@@ -715,21 +711,22 @@ def parent(args) -> int:
         if "error" in b:
             report["results"][name] = {"name": name, "c": VARIANTS[name][0], "error": "build: " + b["error"][-500:]}
     roots = {name: b["source"] for name, b in builds.items() if "error" not in b}
-    todo = ["baselines"] + [x for x in names if x in roots] + (["v1-c64@end"] if "v1-c64" in roots else [])
+    todo = ["baselines"] + [x for x in names if x in roots] + (["c64-base@end"] if "c64-base" in roots else [])
     left = run_workers(todo, args, roots, report, deadline, on_result, log)
     if left:
         report["failures"].append({"name": "not run", "what": left})
     # Profiles last (CUPTI may slow later launches): each C's control and its fastest eligible variants.
     profiles = []
     for c in (64, 256):
+        control = f"c{c}-base"
         ranked = sorted(
             (ms, name, r["heuristic_splits"])
             for name, r in report["results"].items()
-            if r.get("c") == c and not name.endswith("@end") and (name.startswith("v1") or eligible(r)[0])
+            if r.get("c") == c and not name.endswith("@end") and (name == control or eligible(r)[0])
             for ms in [at_heuristic(r, "unfused"), at_heuristic(r, "fused")]
             if ms
         )
-        chosen = [x for x in ranked if x[1].startswith("v1")][:1] + [x for x in ranked if not x[1].startswith("v1")]
+        chosen = [x for x in ranked if x[1] == control][:1] + [x for x in ranked if x[1] != control]
         picked = list(dict.fromkeys((name, splits) for _, name, splits in chosen))[:3]  # control + 2 fastest
         profiles += [f"profile:{name}:{splits}" for name, splits in picked]
     if profiles and time.monotonic() < deadline:
@@ -757,11 +754,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, (c, tile, note) in VARIANTS.items():
-            print(f"{name:22} C={c:<4} {tile.row() if tile else '(v1 source)':32} {note}")
+            print(f"{name:22} C={c:<4} {tile.row():32} {note}")
         return 0
     if args.compile_check:
         root = build.cache_root() / "tune-src"
-        for row in compile_check(args.only or [n for n, v in VARIANTS.items() if v[1] is not None], root):
+        for row in compile_check(args.only or list(VARIANTS), root):
             print(json.dumps(row), flush=True)
         return 0
     if args.worker:

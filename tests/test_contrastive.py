@@ -361,15 +361,22 @@ def test_source_and_arch_overrides(monkeypatch, tmp_path):
     assert build.library_path(("sm_90",)) != build.library_path(("sm_90",), build.SOURCE)
 
 
-def test_tune_variants_are_well_formed():
+def test_tune_variants_are_well_formed(tmp_path, capsys):
     from kernels import tune
 
-    assert tune.V1_SOURCE.is_file() and sorted(build.tile_table(tune.V1_SOURCE)) == [16, 32, 64, 128, 256]
+    channels = {c for c, _, _ in tune.VARIANTS.values()}
+    assert channels == {64, 256} and all(f"c{c}-base" in tune.VARIANTS for c in channels)  # each C's control
     for name, (c, tile, note) in tune.VARIANTS.items():
-        assert note and (tile is None) == name.startswith("v1")
-        if tile is not None:
-            assert tile.channels == c and tile.block_cols % 16 == 0 and tile.stages >= 2
-            assert tile.smem_bytes() <= 99 * 1024, name  # adoptable on every target
+        assert note and isinstance(tile, build.Tile), name  # every variant, the control included, is a tile row
+        assert note.startswith("control") == name.endswith("-base"), name
+        assert tile.channels == c and tile.block_cols % 16 == 0 and tile.stages >= 2
+        assert tile.smem_bytes() <= 99 * 1024, name  # adoptable on every target
+    for c in channels:  # the control's source is the current kernel with the tile before tuning
+        control = tune.variant_source(f"c{c}-base", tmp_path)
+        assert build.tile_table(control) == {c: tune.VARIANTS[f"c{c}-base"][1]}
+    assert tune.main(["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in listed] == list(tune.VARIANTS) and all(" X(" in x for x in listed)
     rows = {tile for _, tile, _ in tune.VARIANTS.values()}
     assert build.tile_table()[64] in rows and build.tile_table()[256] in rows  # the default is always re-measured
 
@@ -381,7 +388,7 @@ def test_tune_summary_of_synthetic_results():
     def variant(name, ms, ok=True, local=0):
         c, tile, note = tune.VARIANTS[name]
         return {
-            "name": name, "c": c, "note": note, "row": tile.row() if tile else "v1",
+            "name": name, "c": c, "note": note, "row": tile.row(),
             "info": {"float16": {"registers": 200, "local_bytes": local, "blocks_per_sm": 2, "smem_bytes": 36864}},
             "correctness": {"ok": ok, "checks": {"oracle table float16 unfused": {"ok": ok}}},
             "heuristic_splits": 4, "best_raw_splits": 3, "raw": {"3": {"p50_ms": ms - 0.1}, "4": {"p50_ms": ms}},
@@ -392,20 +399,21 @@ def test_tune_summary_of_synthetic_results():
 
     results = {
         "baselines": {"name": "baselines", "rows": {"64": {"naive": {"p50_ms": 9.6}, "cublas": {"p50_ms": 0.86}}}},
-        "v1-c64": variant("v1-c64", 1.42),
-        "c64-base": variant("c64-base", 1.30),
+        "c64-base": variant("c64-base", 1.42),
+        "c64-lazy-3st": variant("c64-lazy-3st", 1.30),
         "c64-lazy": variant("c64-lazy", 1.10, ok=False),
         "c64-bn32": variant("c64-bn32", 1.20, local=16),
         "c64-8w16r": variant("c64-8w16r", 1.25),
         "c64-8w32r": {"name": "c64-8w32r", "c": 64, "error": "timeout"},
-        "v1-c64@end": variant("v1-c64", 1.43),
+        "c64-base@end": variant("c64-base", 1.43),
     }
     text = tune.summarize({"n": 36864, "device": {"name": "GPU"}, "results": results, "failures": []})
     assert "winner C=64: c64-8w16r (fused, heuristic splits 4): 1.23 ms vs control 1.47 ms (1.20x)" in text
     assert "note: 3 splits would give 1.18 ms (the heuristic picks 4)" in text
     assert "X(64, 1, 8, 64, 2, 1, 2, 8)" in text and "FUSED_PRE_POST = True" in text
     assert "ERROR timeout" in text and "local memory 16 B" in text and "failed: oracle table" in text
-    assert "control drift" in text and "no eligible variant" in text  # (C = 256: nothing ran)
+    assert "control drift (c64-base first vs last): 1.47 -> 1.48 ms" in text
+    assert "no eligible variant" in text  # (C = 256: nothing ran)
 
 
 FAKE_WORKER = """
@@ -430,7 +438,7 @@ for name in args:
         continue
     result = {"name": name, "c": 64, "note": "", "row": "X()", "info": {}, "heuristic_splits": 1, "best_raw_splits": 1,
               "correctness": {"ok": True, "checks": {}}, "raw": {"1": {"p50_ms": 1.0}},
-              "fwd_bwd": {"unfused/1": {"p50_ms": 2.0 if name.startswith("v1") else 1.5}}}
+              "fwd_bwd": {"unfused/1": {"p50_ms": 2.0 if name.startswith("c64-base") else 1.5}}}
     print("@@RESULT " + json.dumps(result), flush=True)
 """
 
@@ -443,21 +451,24 @@ def test_tune_scheduler_survives_crashes_and_hangs(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "build_all", lambda names, archs, root: {n: {"source": f"{n}.cu"} for n in names})
     fake.write_text("#!" + sys.executable + "\n" + FAKE_WORKER)  # (run as a script: "-m kernels.tune" is ignored)
     fake.chmod(0o755)
-    names = ["v1-c64", "c64-base", "c64-lazy", "c64-8w32r", "c64-bn32", "c64-8w16r"]
+    names = ["c64-base", "c64-lazy", "c64-8w32r", "c64-bn32", "c64-8w16r", "c64-4w16r"]
     args = ["--out", str(tmp_path / "out"), "--arch", "sm_90", "--variant-timeout", "1", "--budget", "60"]
     assert tune.main(args + ["--only", *names]) == 0
     report = json.loads((tmp_path / "out" / "tune.json").read_text())
-    assert set(report["results"]) == {"baselines", *names, "v1-c64@end"}
+    assert set(report["results"]) == {"baselines", *names, "c64-base@end"}
     assert report["results"]["c64-lazy"]["error"] == "worker exited (3)"
     assert report["results"]["c64-bn32"]["error"] == "timeout"
     assert report["results"]["c64-8w32r"]["error"] == "RuntimeError('CUDA error')"
-    assert "fwd_bwd" in report["results"]["c64-8w16r"] and "fwd_bwd" in report["results"]["v1-c64@end"]
+    assert "fwd_bwd" in report["results"]["c64-8w16r"] and "fwd_bwd" in report["results"]["c64-base@end"]
     assert [f["name"] for f in report["failures"]] == ["c64-lazy", "c64-bn32"]
     summary = (tmp_path / "out" / "tune_summary.txt").read_text()
-    assert "winner C=64: c64-base (unfused, heuristic splits 1): 1.5 ms vs control 2.0 ms" in summary
+    assert "winner C=64: c64-8w16r (unfused, heuristic splits 1): 1.5 ms vs control 2.0 ms" in summary
     assert "kernel / cublas: 1.50" in summary
     assert "profile winner unfused (splits 1): GPU us/step {'partial_kernel': 900.0}" in summary
     assert "profile control unfused" in summary
+    assert "control drift (c64-base first vs last): 2.0 -> 2.0 ms" in summary
+    profiled = {name for name, r in report["results"].items() if "profile" in r}
+    assert profiled == {"c64-base", "c64-8w16r", "c64-4w16r"}  # the control + the 2 fastest others
 
 
 @pytest.fixture(scope="module")
