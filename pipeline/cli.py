@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
+from pipeline.rundir import RunDir, versions, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -29,8 +30,6 @@ EPILOG = {
 
 
 def _versions_text() -> str:
-    from pipeline.rundir import versions
-
     return f"facd-pipeline {__version__} (" + ", ".join(f"{k} {v}" for k, v in versions().items()
                                                       if k != "facd-pipeline") + ")"
 
@@ -190,7 +189,6 @@ def _run(args: argparse.Namespace) -> None:
         overrides.append(f'distill.method="{args.method}"')
     cfg = config_mod.load_config(args.preset, args.config, overrides)
     from pipeline import stages
-    from pipeline.rundir import RunDir
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
     if stages.is_main_process():
@@ -212,7 +210,7 @@ def _run(args: argparse.Namespace) -> None:
         stages.run_all(cfg, run, teacher=args.teacher, resume=args.resume, force=args.force, progress=progress)
 
 
-def _teacher_path(args: argparse.Namespace, run: "RunDir") -> Path:  # noqa: F821 (imported lazily)
+def _teacher_path(args: argparse.Namespace, run: RunDir) -> Path:
     teacher = args.teacher or run.path("teacher.pt")
     if not teacher.exists():
         raise UserError(f"no teacher at {teacher}: train one with `pipeline teacher` or pass --teacher CKPT")
@@ -240,8 +238,6 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _write_json(path: Path, data: object) -> None:
-    from pipeline.rundir import write_json_atomic
-
     write_json_atomic(path, data)
     print(f"wrote {path}")
 

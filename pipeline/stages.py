@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], inputs: list[Path], train: Any, *,
+def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], inputs: list[Path],
+                 train: Callable[[Path, Path], dict[str, Any]], *,
                  resume: bool, force: bool) -> Path:
     """Run `train(work_dir, final_path)` unless the stage is up to date; refuse to overwrite a partial run."""
     key = run.stage_key(stage, config, inputs)

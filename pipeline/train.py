@@ -80,6 +80,8 @@ def setup_context(t: TrainSection) -> Context:
     want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA device is available (torch.cuda.is_available() is False)")
+    if want_cuda:  # exact resume needs reproducible steps: no cuDNN algorithms that reduce with atomics
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Context(torch.device("cuda" if want_cuda else "cpu"))
@@ -153,6 +155,9 @@ def fit(
         raise UserError(f"train.batch ({t.batch}) must be a multiple of the number of processes ({ctx.world})")
     out_dir.mkdir(parents=True, exist_ok=True)
     last, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
+    channels_last = t.channels_last and ctx.device.type == "cuda"
+    # On the device before the optimizer exists, so that a resumed optimizer state lands beside its parameters.
+    trainee.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
 
@@ -179,8 +184,6 @@ def fit(
     log.info("%s: %d training images, %d eval images, %d iterations of %d patches on %s x %d", label, len(sampler),
              len(eval_pairs), t.iters, t.batch, ctx.device, ctx.world)
 
-    channels_last = t.channels_last and ctx.device.type == "cuda"
-    trainee.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     model: nn.Module = trainee
     if ctx.world > 1:
         model = nn.parallel.DistributedDataParallel(trainee, device_ids=[ctx.device.index] if ctx.device.index is

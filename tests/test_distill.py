@@ -134,6 +134,10 @@ def _torchrun(nproc: int, run_dir: Path, teacher_file: Path, method: str, iters:
            "--method", method, *(x for kv in SMALL for x in ("--set", kv)),
            "--set", f"train.iters={iters}", "--set", f"train.ckpt_every={iters}", "--set", "train.device=\"cpu\""]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 and "SIGABRT" in out.stderr:
+        # Seen once in about 20 loaded CI-like runs: a rank aborted in process-group teardown at exit, after every
+        # output was written ("terminate called without an active exception"). One retry, redoing the stage.
+        out = subprocess.run([*cmd, "--force"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
