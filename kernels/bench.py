@@ -106,7 +106,14 @@ def measure(steps: dict[str, Callable], warmup: int, iters: int) -> dict[str, di
         loss = value.item() if value is not None and value.dim() == 0 else None
         results[name] = {"extra_mib": round(extra, 2), "loss": loss}
         del value
-    events = {name: [] for name in steps}
+    for name, percentiles in interleaved_times(steps, iters).items():
+        results[name].update(percentiles)
+    return results
+
+
+def interleaved_times(steps: dict[str, Callable], iters: int) -> dict[str, dict[str, float]]:
+    """CUDA-event p10/p50/p90 (ms) of each step over `iters` rounds, the steps interleaved in every round."""
+    events: dict[str, list] = {name: [] for name in steps}
     for _ in range(iters):
         for name, step in steps.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -115,11 +122,12 @@ def measure(steps: dict[str, Callable], warmup: int, iters: int) -> dict[str, di
             end.record()
             events[name].append((start, end))
     torch.cuda.synchronize()
+    out = {}
     for name, pairs in events.items():
         times = torch.tensor([a.elapsed_time(b) for a, b in pairs])
         p10, p50, p90 = torch.quantile(times, torch.tensor([0.1, 0.5, 0.9])).tolist()
-        results[name].update(p10_ms=round(p10, 4), p50_ms=round(p50, 4), p90_ms=round(p90, 4))
-    return results
+        out[name] = {"p10_ms": round(p10, 4), "p50_ms": round(p50, 4), "p90_ms": round(p90, 4)}
+    return out
 
 
 def run(sizes, channels, dtypes, warmup, iters) -> list[dict]:

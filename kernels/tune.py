@@ -301,16 +301,9 @@ def profile_step(step, repeats: int = 3) -> dict:
     }
 
 
-def _percentiles(times: list[float]) -> dict:
-    import torch
-
-    p10, p50, p90 = torch.quantile(torch.tensor(times), torch.tensor([0.1, 0.5, 0.9])).tolist()
-    return {"p10_ms": round(p10, 4), "p50_ms": round(p50, 4), "p90_ms": round(p90, 4)}
-
-
 def time_interleaved(steps: dict, warmup: int, iters: int) -> dict:
     """CUDA-event p10/p50/p90 (ms) of each step, the steps interleaved; a step that raises is reported and dropped."""
-    import torch
+    from kernels.bench import interleaved_times
 
     out, live = {}, {}
     for name, step in steps.items():
@@ -322,17 +315,7 @@ def time_interleaved(steps: dict, warmup: int, iters: int) -> dict:
     for _ in range(warmup):
         for step in live.values():
             step()
-    events = {name: [] for name in live}
-    for _ in range(iters):
-        for name, step in live.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    for name, pairs in events.items():
-        out[name] = _percentiles([a.elapsed_time(b) for a, b in pairs])
+    out.update(interleaved_times(live, iters))
     return out
 
 
