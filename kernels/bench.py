@@ -50,27 +50,39 @@ def sdpa_loss(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
     return RowGradLoss.apply(s, engine)
 
 
+def loss_step(s: torch.Tensor, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One forward + backward of the loss `fn` of the leaf `s`, as a timed step (returns the loss)."""
+
+    def step():
+        s.grad = None
+        loss = fn()
+        loss.backward()
+        return loss
+
+    return step
+
+
+def extra_memory(step: Callable) -> tuple[float, object]:
+    """(MiB allocated at the peak of one call of `step` beyond what was allocated before it, its return value)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    value = step()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / MIB, 2), value
+
+
 def providers(s: torch.Tensor, t: torch.Tensor, with_reference: bool) -> dict[str, Callable[[], float | None]]:
     """Name -> one forward + backward (or the bare GEMM); loss providers return the loss value."""
     pos = torch.arange(s.shape[0], device=s.device)
     q, k = F.normalize(s.detach(), dim=1), F.normalize(t, dim=1)
-
-    def loss_step(fn):
-        def step():
-            s.grad = None
-            loss = fn()
-            loss.backward()
-            return loss
-
-        return step
-
     out = {}
     if with_reference:
-        out["naive"] = loss_step(lambda: F.cross_entropy(F.normalize(s, dim=1) @ F.normalize(t, dim=1).T / TAU, pos))
-        out["chunked"] = loss_step(lambda: contrastive_loss(s, t, tau=TAU, impl="chunked"))
-    out["sdpa"] = loss_step(lambda: sdpa_loss(s, t, TAU))
+        out["naive"] = loss_step(s, lambda: F.cross_entropy(F.normalize(s, dim=1) @ F.normalize(t, dim=1).T / TAU, pos))
+        out["chunked"] = loss_step(s, lambda: contrastive_loss(s, t, tau=TAU, impl="chunked"))
+    out["sdpa"] = loss_step(s, lambda: sdpa_loss(s, t, TAU))
     out["cublas"] = lambda: torch.mm(q, k.T)
-    out["kernel"] = loss_step(lambda: contrastive_loss(s, t, tau=TAU, impl="cuda"))
+    out["kernel"] = loss_step(s, lambda: contrastive_loss(s, t, tau=TAU, impl="cuda"))
     return out
 
 
@@ -97,14 +109,9 @@ def measure(steps: dict[str, Callable], warmup: int, iters: int) -> dict[str, di
         for step in steps.values():
             step()
     for name, step in steps.items():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        value = step()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / MIB
+        extra, value = extra_memory(step)
         loss = value.item() if value is not None and value.dim() == 0 else None
-        results[name] = {"extra_mib": round(extra, 2), "loss": loss}
+        results[name] = {"extra_mib": extra, "loss": loss}
         del value
     for name, percentiles in interleaved_times(steps, iters).items():
         results[name].update(percentiles)

@@ -319,32 +319,11 @@ def time_interleaved(steps: dict, warmup: int, iters: int) -> dict:
     return out
 
 
-def extra_memory_mib(step) -> float:
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
-
-
-def _loss_step(s, fn):
-    def step():
-        s.grad = None
-        loss = fn()
-        loss.backward()
-        return loss
-
-    return step
-
-
 def run_variant(name: str, n: int, warmup: int, iters: int, checks: bool = True) -> dict:
     import torch
 
     from kernels import cuda
-    from kernels.contrastive import validate
+    from kernels.bench import extra_memory
     from kernels.emulate import kernel_tile
 
     c, _, note = VARIANTS[name]
@@ -387,7 +366,7 @@ def run_variant(name: str, n: int, warmup: int, iters: int, checks: bool = True)
     result["fwd_bwd"] = time_interleaved(steps, warmup, iters)
     for key, step in steps.items():
         if "p50_ms" in result["fwd_bwd"][key]:
-            result["fwd_bwd"][key]["extra_mib"] = extra_memory_mib(step)
+            result["fwd_bwd"][key]["extra_mib"] = extra_memory(step)[0]
             result["fwd_bwd"][key]["loss"] = step().item()
     return result
 
@@ -397,6 +376,7 @@ def _timing_inputs(c: int, n: int):
     import torch
 
     from kernels import cuda
+    from kernels.bench import loss_step
     from kernels.contrastive import validate
 
     gen = torch.Generator(device="cuda").manual_seed(n + c)
@@ -408,7 +388,7 @@ def _timing_inputs(c: int, n: int):
             p = validate(s, t, TAU, None, None, None)
             return cuda.kernel_loss(s, t, p, tau=TAU, rows_per_image=None, weight=None, splits=splits, fused=fused)
 
-        return _loss_step(s, fn)
+        return loss_step(s, fn)
 
     return s, t, full
 
@@ -435,7 +415,7 @@ def run_baselines(n: int, channels: list[int], warmup: int, iters: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.bench import naive_fits, sdpa_loss
+    from kernels.bench import loss_step, naive_fits, sdpa_loss
 
     rows = {}
     for c in channels:
@@ -445,11 +425,11 @@ def run_baselines(n: int, channels: list[int], warmup: int, iters: int) -> dict:
         pos = torch.arange(n, device="cuda")
         q, k = F.normalize(s.detach(), dim=1), F.normalize(t, dim=1)
         steps = {
-            "sdpa": _loss_step(s, lambda: sdpa_loss(s, t, TAU)),
+            "sdpa": loss_step(s, lambda: sdpa_loss(s, t, TAU)),
             "cublas": lambda: torch.mm(q, k.T),
         }
         if naive_fits(n, torch.float16):
-            steps["naive"] = _loss_step(
+            steps["naive"] = loss_step(
                 s, lambda: F.cross_entropy(F.normalize(s, dim=1) @ F.normalize(t, dim=1).T / TAU, pos)
             )
         rows[str(c)] = time_interleaved(steps, warmup, iters)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from models import SRNet, create_model, save_checkpoint
-from pipeline.config import METHODS, Config
+from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
                              tap_indices)

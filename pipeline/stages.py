@@ -65,8 +65,9 @@ def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], in
 def stage_teacher(cfg: Config, run: RunDir, *, resume: bool = False, force: bool = False,
                   progress: bool = True) -> Path:
     """Train the teacher into `<run>/teacher.pt` (resume state and log in `<run>/teacher/`)."""
-    config = {"scale": cfg.scale, "seed": cfg.seed, "model.teacher": cfg.model.teacher, "data": cfg.to_dict()["data"],
-              "train": cfg.to_dict()["train"]}
+    c = cfg.to_dict()
+    config = {k: c[k] for k in ("scale", "seed", "data", "train")}
+    config["model.teacher"] = cfg.model.teacher
     return _train_stage("teacher", run, TEACHER, config, [],
                         lambda work, final: train_teacher(cfg, work, final, resume=resume, progress=progress),
                         resume=resume, force=force)
@@ -153,8 +154,8 @@ def stage_ablate(cfg: Config, run: RunDir, teacher: Path, methods: list[str], se
     results = _eval_models(cfg, {"teacher": teacher, **students}, progress)
     summary = []
     for method in methods:
-        psnrs = [r["mean"]["psnr_y"] for r in results if r["model"].startswith(f"{method} seed ")]
-        ssims = [r["mean"]["ssim_y"] for r in results if r["model"].startswith(f"{method} seed ")]
+        means = [r["mean"] for r in results if r["model"].startswith(f"{method} seed ")]
+        psnrs, ssims = [m["psnr_y"] for m in means], [m["ssim_y"] for m in means]
         summary.append({"method": method, "seeds": seeds, "psnr_y_mean": statistics.fmean(psnrs),
                         "psnr_y_spread": max(psnrs) - min(psnrs), "ssim_y_mean": statistics.fmean(ssims)})
     write_json_atomic(run.path(ABLATION_JSON), {"config": cfg.to_dict(), "results": results, "summary": summary})
