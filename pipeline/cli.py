@@ -25,6 +25,10 @@ EPILOG = {
                "         torchrun --standalone --nproc_per_node=2 -m pipeline distill --method facd   (DDP, gloo on CPUs)",
     "ablate": "example: pipeline ablate --methods none out fd facd facd-nogate --seeds 0 1",
     "kernels": "example: pipeline kernels build --arch sm_87 sm_90   (default: sm_80 sm_86 sm_87 sm_89 sm_90 + PTX)",
+    "export": "example: pipeline export --run-dir runs/tiny   (or --student my_student.pt)",
+    "quantize": "example: pipeline quantize --set quant.method=entropy --set quant.max_drop_db=0.05\n"
+                "         pipeline quantize --calib runs/tiny/calib.npz   (reuse a saved calibration set)",
+    "verify": "example: pipeline verify --run-dir runs/tiny   (on the target device: pipeline verify --require trt)",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
 
@@ -113,7 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", nargs="+", metavar="SM", help="target architectures, e.g. sm_90 (default: all supported)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache holds this build")
 
-    p = command("all", "run every stage in order: teacher (unless --teacher is given), distill (facd), eval")
+    p = command("export", "export the student to student.fp32.onnx and student.fp16.onnx, checked against PyTorch")
+    _add_run_args(p)
+    p.add_argument("--student", type=Path, help="student checkpoint (default: <run-dir>/student.pt)")
+
+    p = command("quantize", "calibrate on real LR crops and write student.int8.onnx (QDQ, sensitivity-guided)")
+    _add_run_args(p)
+    p.add_argument("--calib", type=Path, metavar="NPZ", help="reuse this calibration set instead of drawing one")
+
+    p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
+    _add_run_args(p)
+    p.add_argument("--require", action="append", default=[], metavar="BACKEND",
+                   help="fail when this backend cannot run here (e.g. trt, onnxruntime-cuda; repeatable)")
+
+    p = command("all", "every stage in order: teacher (unless --teacher is given), distill (facd), eval, export, "
+                       "quantize, verify")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
     return parser
@@ -156,7 +174,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "models":
         from pipeline.modelio import models_table
 
-        print(models_table(args.scale, _parse_size(args.lr_size)))
+        print(models_table(args.scale, config_mod.parse_size(args.lr_size, "--lr-size")))
         return
     if args.command == "degrade":
         from pipeline.degrade import degrade_folder
@@ -206,6 +224,18 @@ def _run(args: argparse.Namespace) -> None:
                                                        progress=progress)
         stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
                             progress=progress)
+    elif args.command == "export":
+        student = args.student or run.path(stages.STUDENT)
+        if not student.exists():
+            raise UserError(f"no student at {student}: distil one with `pipeline distill` or pass --student CKPT")
+        stages.stage_export(cfg, run, student, force=args.force)
+    elif args.command == "quantize":
+        fp32, fp16 = run.path(stages.FP32_ONNX), run.path(stages.FP16_ONNX)
+        if not (fp32.exists() and fp16.exists()):
+            raise UserError(f"no exported models in {run.root}: run `pipeline export` first")
+        stages.stage_quantize(cfg, run, fp32, fp16, calib=args.calib, force=args.force, progress=progress)
+    elif args.command == "verify":
+        stages.stage_verify(cfg, run, require=args.require, force=args.force, progress=progress)
     elif args.command == "all":
         stages.run_all(cfg, run, teacher=args.teacher, resume=args.resume, force=args.force, progress=progress)
 
@@ -240,14 +270,6 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 def _write_json(path: Path, data: object) -> None:
     write_json_atomic(path, data)
     print(f"wrote {path}")
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--lr-size expects WxH, e.g. 320x180, got {text!r}") from None
-    return h, w
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,37 @@ class FacdSection:
 
 
 @dataclass
+class ExportSection:
+    simplify: bool = True  # onnxsim (onnxslim as fallback)
+    parity_sizes: list[str] = field(default_factory=lambda: ["33x17", "64x48"])  # LR crops (WxH) of each eval image
+    max_abs_err: float = 1e-3  # ONNX Runtime FP32 vs PyTorch, on [0, 1] outputs
+
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class QuantSection:
+    calib_count: int = 48  # distinct LR crops from the training data (calibration + holdout)
+    calib_crop: int = 48  # LR crop side
+    calib_holdout: int = 12  # of those, held out to measure the INT8 model
+    calib_seed: int = 0
+    method: Literal[CALIB_METHODS] = "percentile"
+    percentile: float = 99.99
+    max_drop_db: float = 0.1  # sensitivity step: keep Convs in FP16 until INT8 is this close to FP32 on the holdout
+
+
+@dataclass
+class VerifySection:
+    gate_fp32_db: float = 0.01  # max |Y-PSNR difference| to the PyTorch FP32 reference, per precision
+    gate_fp16_db: float = 0.05
+    gate_int8_db: float = 0.2
+    latency_sizes: list[str] = field(default_factory=lambda: ["320x180", "640x360"])  # LR WxH, batch 1
+    warmup: int = 2
+    repeats: int = 10
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     scale: int = 4
@@ -77,6 +108,9 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     distill: DistillSection = field(default_factory=DistillSection)
     facd: FacdSection = field(default_factory=FacdSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    verify: VerifySection = field(default_factory=VerifySection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,9 +219,37 @@ def _validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config key {key!r} must be >= 0, got {value}")
-    for key, value in {"distill.taps": d.taps, "facd.tau": f.tau}.items():
+    q, v = cfg.quant, cfg.verify
+    non_negative = {"quant.max_drop_db": q.max_drop_db,
+                    "verify.gate_fp32_db": v.gate_fp32_db, "verify.gate_fp16_db": v.gate_fp16_db,
+                    "verify.gate_int8_db": v.gate_int8_db, "verify.warmup": v.warmup}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {value}")
+    positive = {"distill.taps": d.taps, "facd.tau": f.tau, "export.max_abs_err": cfg.export.max_abs_err,
+                "quant.calib_count": q.calib_count, "quant.calib_crop": q.calib_crop, "verify.repeats": v.repeats}
+    for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key!r} must be > 0, got {value}")
+    if not 0 < q.calib_holdout < q.calib_count:
+        raise UserError(f"config key 'quant.calib_holdout' must be between 1 and quant.calib_count - 1 "
+                        f"({q.calib_count - 1}), got {q.calib_holdout}")
+    if not 50 < q.percentile <= 100:
+        raise UserError(f"config key 'quant.percentile' must be in (50, 100], got {q.percentile}")
+    for key, sizes in {"export.parity_sizes": cfg.export.parity_sizes, "verify.latency_sizes": v.latency_sizes}.items():
+        for text in sizes:
+            parse_size(text, key)
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'WxH' -> (h, w), both > 0."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"{what}: expected WxH, e.g. 320x180, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise UserError(f"{what}: sizes must be > 0, got {text!r}")
+    return h, w
 
 
 def load_config(preset: str = "tiny", file: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -3,34 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import statistics
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch.distributed as dist
 
 from models import load_checkpoint
 from pipeline.backends.base import BicubicRunner, Runner
 from pipeline.backends.torch_runner import TorchRunner
-from pipeline.config import METHODS, Config
+from pipeline.config import METHODS, Config, parse_size
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import GateFailed, UserError
 from pipeline.evaluate import evaluate, mean_row
-from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
+from pipeline.rundir import RunDir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from pipeline.score import format_table
 from pipeline.modelio import load_model
 from pipeline.distill import distill_student
 from pipeline.train import train_teacher
+from pipeline.verify import ONNX
 
 log = logging.getLogger("pipeline")
 
 TEACHER, STUDENT = "teacher.pt", "student.pt"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
+FP32_ONNX, FP16_ONNX, INT8_ONNX = ONNX["fp32"], ONNX["fp16"], ONNX["int8"]
+EXPORT_JSON, CALIB, QUANT_JSON, QUANT_MD = "export.json", "calib.npz", "quant.json", "quant.md"
+REPORT_JSON = "report.json"
 
 
 def is_main_process() -> bool:
@@ -170,9 +178,139 @@ def stage_ablate(cfg: Config, run: RunDir, teacher: Path, methods: list[str], se
     return run.path(ABLATION_JSON)
 
 
+def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False) -> tuple[Path, Path]:
+    """`student.fp32.onnx` and `student.fp16.onnx`, checked against PyTorch on the eval images (whole and cropped to
+    `export.parity_sizes`) before they replace anything in the run directory; parity table in `export.json`."""
+    from pipeline import export
+
+    c = cfg.to_dict()
+    config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "export": c["export"]}
+    key = run.stage_key("export", config, [student])
+    outputs = [FP32_ONNX, FP16_ONNX, EXPORT_JSON]
+    if not force and run.is_current("export", key):
+        log.info("export: up to date, skipping (%s, %s)", run.path(FP32_ONNX), run.path(FP16_ONNX))
+        return run.path(FP32_ONNX), run.path(FP16_ONNX)
+    model = load_model(student, cfg.scale)
+    meta = export.model_meta(model, sha256_file(student), _config_hash(c))
+    images = []
+    for pair in PairFolder(cfg.data.eval, cfg.scale):
+        images.append((pair.name, pair.lr))
+        for size in cfg.export.parity_sizes:
+            h, w = parse_size(size)
+            images.append((f"{pair.name}[:{h}, :{w}]", pair.lr[:h, :w]))
+    run.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run.root, prefix=".export-") as tmp:
+        fp32, fp16 = Path(tmp) / FP32_ONNX, Path(tmp) / FP16_ONNX
+        done = export.export_fp32(model, fp32, meta, cfg.export.simplify)
+        export.save(export.to_fp16(onnx.load(str(fp32))), fp16)
+        result = {**done, "parity": {"fp32": export.parity(model, fp32, images),
+                                     "fp16": export.parity(model, fp16, images)}}
+        worst = {p: max(r["max_abs_err"] for r in rows) for p, rows in result["parity"].items()}
+        low = {p: min(r["psnr_vs_pytorch"] for r in rows) for p, rows in result["parity"].items()}
+        log.info("export: ONNX Runtime vs PyTorch on %d images: FP32 max |err| %.2g (PSNR >= %.1f dB), "
+                 "FP16 max |err| %.2g (PSNR >= %.1f dB); simplified with %s", len(images), worst["fp32"],
+                 low["fp32"], worst["fp16"], low["fp16"], done["simplifier"])
+        if worst["fp32"] > cfg.export.max_abs_err:
+            raise GateFailed(f"export parity failed: ONNX Runtime FP32 differs from PyTorch by up to {worst['fp32']:.3g}"
+                             f" (export.max_abs_err {cfg.export.max_abs_err}); nothing was replaced")
+        for name in (FP32_ONNX, FP16_ONNX):
+            os.replace(Path(tmp) / name, run.path(name))
+    write_json_atomic(run.path(EXPORT_JSON), result)
+    run.record("export", key, config, [student], outputs)
+    log.info("export: %s, %s", run.path(FP32_ONNX), run.path(FP16_ONNX))
+    return run.path(FP32_ONNX), run.path(FP16_ONNX)
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def stage_quantize(cfg: Config, run: RunDir, fp32: Path, fp16: Path, *, calib: Path | None = None,
+                   force: bool = False, progress: bool = True) -> Path:
+    """`student.int8.onnx` from our calibration on real LR crops (`calib.npz`, or the one given), with the
+    per-layer sensitivity table in `quant.json` / `quant.md`."""
+    from pipeline import export, quantize
+
+    q = cfg.quant
+    config = {"scale": cfg.scale, "data.train": cfg.data.train, "quant": cfg.to_dict()["quant"]}
+    inputs = [fp32, fp16] + ([calib] if calib else [])
+    key = run.stage_key("quantize", config, inputs)
+    outputs = [INT8_ONNX, CALIB, QUANT_JSON, QUANT_MD]
+    if not force and run.is_current("quantize", key):
+        log.info("quantize: up to date, skipping (%s)", run.path(INT8_ONNX))
+        return run.path(INT8_ONNX)
+    if calib is None:
+        data = quantize.calibration_set(cfg.data.train, cfg.scale, q.calib_count, q.calib_crop, q.calib_holdout,
+                                        q.calib_seed)
+    else:
+        data = quantize.load_calibration(calib, q.calib_count, q.calib_crop, cfg.scale)
+    hold = data["holdout"]
+    amax = quantize.activation_amax(fp32, data["lr"][~hold], q.method, q.percentile)
+    fp16_proto = onnx.load(str(fp16))
+    result = quantize.choose_layers(fp32, fp16_proto, amax, data["lr"][hold], data["hr"][hold], cfg.scale,
+                                    q.max_drop_db, progress)
+    result.update(method=q.method, calibration=int((~hold).sum()), holdout=int(hold.sum()), act_amax=amax)
+    proto = quantize.quantize(fp16_proto, amax, result["int8_layers"])
+    broken = quantize.check_qdq(proto)
+    if broken:
+        raise RuntimeError("the INT8 model breaks the TensorRT QDQ rules:\n" + "\n".join(broken))
+    export.save(proto, run.path(INT8_ONNX))
+    if calib is None or calib.resolve() != run.path(CALIB).resolve():
+        with atomic_path(run.path(CALIB)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **data)
+    write_json_atomic(run.path(QUANT_JSON), result)
+    write_text_atomic(run.path(QUANT_MD), quantize.format_table(result))
+    run.record("quantize", key, config, inputs, outputs)
+    (log.info if result["reached"] else log.warning)(
+        "quantize: %s: %d of %d Convs INT8, %.3f dB below FP32 on %d held-out crops (all INT8: %.3f dB; "
+        "target %.3f dB%s); table in %s", run.path(INT8_ONNX), len(result["int8_layers"]),
+        len(result["layers"]), result["drop_db"], result["holdout"], result["all_int8_drop_db"], q.max_drop_db,
+        "" if result["reached"] else ", NOT reached", run.path(QUANT_MD))
+    return run.path(INT8_ONNX)
+
+
+def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bool = False,
+                 progress: bool = True) -> Path:
+    """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
+    when a gate fails (after the report is written) or a backend in `require` could not run."""
+    from pipeline import verify
+    from pipeline.export import read_meta
+    from pipeline.report import REPORT_FILES, format_rows, write_report
+
+    needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",
+              INT8_ONNX: "pipeline quantize"}
+    missing = [f"{name} (made by `{cmd}`)" for name, cmd in needed.items() if not run.path(name).exists()]
+    if missing:
+        raise UserError(f"cannot verify {run.root}: missing {', '.join(missing)}")
+    for name in (FP32_ONNX, FP16_ONNX, INT8_ONNX):
+        meta = read_meta(run.path(name))
+        if meta["precision"] != name.split(".")[1]:
+            raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {name.split('.')[1]}")
+    inputs = [run.path(n) for n in needed]
+    config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "verify": cfg.to_dict()["verify"],
+              "require": sorted(require), "machine": verify.machine()}
+    key = run.stage_key("verify", config, inputs)
+    out = run.path(REPORT_JSON)
+    if not force and run.is_current("verify", key):
+        log.info("verify: up to date, skipping (%s)", out)
+        report = json.loads(out.read_text())
+    else:
+        student = load_model(run.path(STUDENT), cfg.scale)
+        report, crops = verify.verify(cfg, verify.candidates(run.root, student), list(require), progress)
+        write_json_atomic(out, report)
+        write_report(run.root, report, crops)
+        run.record("verify", key, config, inputs, [REPORT_JSON, *REPORT_FILES])
+    print(format_rows(report))
+    print(f"report: {run.path('report.md')}")
+    if not report["passed"]:
+        raise GateFailed("verify failed:\n  " + "\n  ".join(verify.failing(report)))
+    return out
+
+
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,
             progress: bool = True) -> None:
-    """teacher (unless given) -> distill (cfg.distill.method, facd by default) -> eval (with its gate)."""
+    """teacher (unless given) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
+    quantize -> verify (with its gates)."""
     if teacher is None:
         teacher = stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
     else:
@@ -180,4 +318,7 @@ def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bo
     student = stage_distill(cfg, run, teacher, resume=resume, force=force, progress=progress)
     if is_main_process():
         stage_eval(cfg, run, teacher, student, force=force, progress=progress)
+        fp32, fp16 = stage_export(cfg, run, student, force=force)
+        stage_quantize(cfg, run, fp32, fp16, force=force, progress=progress)
+        stage_verify(cfg, run, force=force, progress=progress)
         log.info("all stages done; results in %s", run.root)

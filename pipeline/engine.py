@@ -1,0 +1,401 @@
+"""TensorRT engines: `student.fp16.plan` / `student.int8.plan` built from the ONNX models on the device that runs them.
+
+One code path for TensorRT 10.x and 11.x: a strongly typed network (the precision comes from the ONNX tensor types),
+one optimization profile over the LR size (`EngineSection`, `profile_shapes`), a workspace limit, the builder
+optimization level, a persistent timing cache and optionally a version-compatible plan. After a build the engine's
+layer information must show the precision the plan is named for (`assert_engine_precision`); only then are the plan
+and its sidecar `<plan>.json` (TensorRT, GPU, CUDA, precision, profile, ONNX sha256) written, atomically.
+`plan_incompatibility` decides from a sidecar whether a plan can run on this device.
+
+TensorRT and cuda-python are imported lazily, so this module imports without them. `trt_status()` probes the GPU
+with cuda-python's `cudaGetDeviceCount` (which fails cleanly) before anything constructs a TensorRT object (which
+can crash the process without a working CUDA device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import UserError
+from pipeline.rundir import atomic_path, sha256_file, write_json_atomic
+
+log = logging.getLogger("pipeline")
+
+_NO_CUDA_PYTHON = "cuda-python is not installed (pip install cuda-python, matching the CUDA major version)"
+PROFILES = ("720p", "1080p", "tile", "custom")
+PRESET_OUTPUT_HW = {"720p": (720, 1280), "1080p": (1080, 1920)}
+# The data types an engine of each precision must show: the INT8 plan is INT8 convolutions with an FP16 rest.
+REQUIRED_DTYPES = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"int8", "fp16"}}
+# How TensorRT spells data types in "Format/Datatype": "Half", "Int8", "Float", "Row major linear FP32",
+# "Channel major FP16 format where channel % 8 == 0", "Thirty-two wide channel vectorized row major Int8 format."
+_DTYPE_WORDS = {
+    "int8": r"\bint8\b",
+    "fp16": r"\b(half|fp16)\b",
+    "bf16": r"\b(bf16|bfloat16)\b",
+    "fp8": r"\bfp8\b",
+    "fp32": r"\b(float|fp32)\b",
+}
+
+
+@dataclass
+class EngineSection:
+    profile: Literal["720p", "1080p", "tile", "custom"] = "720p"  # LR sizes of a 720p/1080p output, a tile, or custom
+    min_lr: str = "64x64"  # WxH, the smallest LR input (720p, 1080p, custom); smaller ones are padded
+    opt_lr: str = ""  # WxH, the size TensorRT tunes for ("custom" only)
+    max_lr: str = ""  # WxH, the largest LR input ("custom" only); larger images are tiled
+    tile: int = 256  # LR tile side of the "tile" profile: min = opt = max
+    max_batch: int = 1  # images or tiles per call; the profile's batch range is 1..max_batch, tuned for max_batch
+    workspace_mb: int = 2048
+    opt_level: int = 3  # builder optimization level, 0..5
+    timing_cache: str = "~/.cache/facd-pipeline/trt-timing.cache"  # "" = none
+    version_compatible: bool = False  # later TensorRT versions run the plan too (possibly slower)
+
+
+def _parse_wh(key: str, text: str) -> tuple[int, int]:
+    """'WxH' -> (h, w)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m is None or int(m[1]) == 0 or int(m[2]) == 0:
+        raise UserError(f"config key 'engine.{key}' must be WIDTHxHEIGHT with positive sizes (e.g. 320x180), "
+                        f"got {text!r}")
+    return int(m[2]), int(m[1])
+
+
+def _wh(hw: tuple[int, int]) -> str:
+    return f"{hw[1]}x{hw[0]}"
+
+
+def validate_engine_section(sec: EngineSection) -> None:
+    """Raise a UserError naming the first bad key of the `engine` section."""
+    if sec.profile not in PROFILES:
+        raise UserError(f"config key 'engine.profile': {sec.profile!r} is not one of {list(PROFILES)}")
+    _parse_wh("min_lr", sec.min_lr)
+    for key in ("opt_lr", "max_lr"):
+        value = getattr(sec, key)
+        if sec.profile == "custom" and not value:
+            raise UserError(f"config key 'engine.{key}' must be set when engine.profile is 'custom'")
+        if sec.profile != "custom" and value:
+            raise UserError(f"config key 'engine.{key}' is used only by engine.profile = 'custom' "
+                            f"(it is {sec.profile!r}); remove it or set the profile to 'custom'")
+        if value:
+            _parse_wh(key, value)
+    for key in ("tile", "max_batch", "workspace_mb"):
+        if getattr(sec, key) <= 0:
+            raise UserError(f"config key 'engine.{key}' must be > 0, got {getattr(sec, key)}")
+    if not 0 <= sec.opt_level <= 5:
+        raise UserError(f"config key 'engine.opt_level' must be 0..5, got {sec.opt_level}")
+
+
+def profile_shapes(sec: EngineSection, scale: int) -> dict[str, tuple[int, int]]:
+    """LR (h, w) of the profile's min, opt and max. 720p/1080p: opt = max = the LR size whose x`scale` output covers
+    the frame (x4 720p -> 180x320, x3 720p -> 240x427), min = min_lr; tile: all three tile x tile."""
+    validate_engine_section(sec)
+    if scale < 1:
+        raise UserError(f"scale must be >= 1, got {scale}")
+    if sec.profile == "tile":
+        return {"min": (sec.tile, sec.tile), "opt": (sec.tile, sec.tile), "max": (sec.tile, sec.tile)}
+    low = _parse_wh("min_lr", sec.min_lr)
+    if sec.profile == "custom":
+        opt, high = _parse_wh("opt_lr", sec.opt_lr), _parse_wh("max_lr", sec.max_lr)
+    else:
+        out_h, out_w = PRESET_OUTPUT_HW[sec.profile]
+        opt = high = (math.ceil(out_h / scale), math.ceil(out_w / scale))
+    if not all(low[i] <= opt[i] <= high[i] for i in (0, 1)):
+        raise UserError(f"engine profile {sec.profile!r} at x{scale} needs min <= opt <= max in width and height, "
+                        f"got min {_wh(low)}, opt {_wh(opt)}, max {_wh(high)} (engine.min_lr/opt_lr/max_lr)")
+    return {"min": low, "opt": opt, "max": high}
+
+
+def input_profile(input_shape: tuple[int, ...], shapes: dict[str, tuple[int, int]],
+                  max_batch: int) -> dict[str, tuple[int, int, int, int]]:
+    """NCHW min/opt/max for a network input of `input_shape` (-1 = dynamic): LR sizes from `shapes`, batch
+    1..max_batch (tuned for max_batch), or the model's fixed batch."""
+    if len(input_shape) != 4:
+        raise UserError(f"the model input must be NCHW, got shape {tuple(input_shape)}")
+    n, c, h, w = input_shape
+    if h >= 0 or w >= 0:
+        raise UserError(f"the model input has a fixed size {tuple(input_shape)}; export it with dynamic H and W")
+    if n >= 0 and n != max_batch:
+        raise UserError(f"the model input has a fixed batch of {n}; set engine.max_batch = {n} or export it with a "
+                        "dynamic batch")
+    batch = {"min": 1, "opt": max_batch, "max": max_batch} if n < 0 else dict.fromkeys(("min", "opt", "max"), n)
+    return {k: (batch[k], c, *shapes[k]) for k in ("min", "opt", "max")}
+
+
+def layer_dtypes(layer_info: str | dict[str, Any]) -> dict[str, int]:
+    """How many layer inputs and outputs of each data type (fp32, fp16, bf16, fp8, int8) the engine inspector's
+    JSON lists (it names them only when the engine was built with ProfilingVerbosity.DETAILED)."""
+    info = json.loads(layer_info) if isinstance(layer_info, str) else layer_info
+    counts: dict[str, int] = {}
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict):
+            continue
+        for tensor in layer.get("Inputs", []) + layer.get("Outputs", []):
+            text = str(tensor.get("Format/Datatype", ""))
+            dtype = next((name for name, word in _DTYPE_WORDS.items() if re.search(word, text, re.IGNORECASE)), None)
+            if dtype is not None:
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
+
+
+def assert_engine_precision(layer_info: str | dict[str, Any], precision: str) -> dict[str, int]:
+    """The engine's tensor counts by data type; a UserError when they lack what `precision` needs (FP16 for an FP16
+    plan, INT8 and FP16 for an INT8 plan): a strongly typed build of an FP32 ONNX is silently an FP32 engine."""
+    counts = layer_dtypes(layer_info)
+    if not counts:
+        raise UserError("the engine's layer information names no data types (was it built with "
+                        "ProfilingVerbosity.DETAILED?); cannot confirm its precision")
+    missing = REQUIRED_DTYPES[precision] - counts.keys()
+    if missing:
+        found = ", ".join(f"{n} {k.upper()}" for k, n in sorted(counts.items()))
+        raise UserError(f"the {precision.upper()} engine has no {' or '.join(sorted(m.upper() for m in missing))} "
+                        f"layers (its layer tensors: {found}): TensorRT computes in the types the ONNX model has, so "
+                        f"this ONNX model is not {precision.upper()}; export/quantize it again")
+    return counts
+
+
+def sidecar_path(plan: Path) -> Path:
+    return plan.with_name(plan.name + ".json")
+
+
+def read_sidecar(plan: Path) -> dict[str, Any]:
+    """The sidecar of `plan`; a UserError when the plan or its sidecar is missing or unreadable."""
+    side = sidecar_path(plan)
+    if not plan.is_file():
+        raise UserError(f"{plan} does not exist; build it on this device with `pipeline build`")
+    try:
+        return json.loads(side.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{plan} has no sidecar {side.name}; rebuild it on this device with `pipeline build`") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{side} is corrupt ({e}); rebuild the plan with `pipeline build`") from None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:4])
+
+
+def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str | None:
+    """Why the plan that `sidecar` describes cannot run on the device `here` describes (`device_info()`), or None.
+    The GPU (name and compute capability) must match; the TensorRT version too, unless the plan is
+    version-compatible and this TensorRT is the same or newer."""
+    built_gpu = f"{sidecar.get('gpu')} (compute capability {sidecar.get('compute_capability')})"
+    here_gpu = f"{here['gpu']} (compute capability {here['compute_capability']})"
+    if built_gpu != here_gpu:
+        return f"was built on {built_gpu}, this device is {here_gpu}"
+    built, running = str(sidecar.get("tensorrt")), here["tensorrt"]
+    if built == running:
+        return None
+    if not sidecar.get("version_compatible"):
+        return f"was built with TensorRT {built}, this is TensorRT {running}"
+    if _version_tuple(running) < _version_tuple(built):
+        return (f"was built version-compatible with TensorRT {built}, which only the same or newer TensorRT runs; "
+                f"this is TensorRT {running}")
+    return None
+
+
+# --- CUDA and TensorRT (lazy imports) --------------------------------------------------------------------------------
+
+def import_cudart() -> Any:
+    """cuda-python's runtime module (`cuda.bindings.runtime`; `cuda.cudart` before cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        from cuda import cudart as runtime
+    return runtime
+
+
+def cuda_call(result: tuple[Any, ...]) -> Any:
+    """Unpack a cuda-python result `(error, *values)`: the value (None, one, or a tuple), RuntimeError on error."""
+    rt = import_cudart()
+    err, *values = result
+    if err != rt.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA error {rt.cudaGetErrorName(err)[1].decode()}")
+    return values[0] if len(values) == 1 else tuple(values) or None
+
+
+def _cuda_version(number: int) -> str:
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def cuda_device_info() -> dict[str, str]:
+    """The current CUDA device and versions: gpu, compute_capability, cuda_runtime, cuda_driver (needs a GPU)."""
+    rt = import_cudart()
+    prop = cuda_call(rt.cudaGetDeviceProperties(cuda_call(rt.cudaGetDevice())))
+    return {"gpu": prop.name.decode(errors="replace").rstrip("\x00"),
+            "compute_capability": f"{prop.major}.{prop.minor}",
+            "cuda_runtime": _cuda_version(cuda_call(rt.cudaRuntimeGetVersion())),
+            "cuda_driver": _cuda_version(cuda_call(rt.cudaDriverGetVersion()))}
+
+
+def device_info() -> dict[str, str]:
+    """`cuda_device_info()` plus the TensorRT version; call only when `trt_status()` is ok."""
+    import tensorrt as trt
+
+    return {"tensorrt": trt.__version__, **cuda_device_info()}
+
+
+def cuda_probe() -> tuple[bool, str]:
+    """(True, "") when cuda-python sees a usable CUDA device, else (False, why not); safe without a GPU."""
+    try:
+        rt = import_cudart()
+    except ImportError:
+        return False, _NO_CUDA_PYTHON
+    err, count = rt.cudaGetDeviceCount()
+    if err != rt.cudaError_t.cudaSuccess:
+        return False, f"no CUDA device (cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()})"
+    if count == 0:
+        return False, "no CUDA device (cudaGetDeviceCount: 0 devices)"
+    try:
+        cuda_device_info()
+    except RuntimeError as e:
+        return False, f"the CUDA device is not usable ({e})"
+    return True, ""
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version (importing it constructs nothing), or None."""
+    try:
+        import tensorrt as trt
+    except Exception:  # noqa: BLE001 - missing, or a broken install (OSError, RuntimeError, ...)
+        return None
+    return trt.__version__
+
+
+def trt_status() -> tuple[bool, str]:
+    """(True, what) when TensorRT can build and run here, else (False, why not). Constructs no TensorRT object."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "skipped: tensorrt is not installed"
+    except Exception as e:  # noqa: BLE001 - a broken install fails with OSError, RuntimeError, ...
+        return False, f"skipped: tensorrt cannot be imported ({type(e).__name__}: {e})"
+    try:
+        import_cudart()
+    except ImportError:
+        return False, f"skipped: {_NO_CUDA_PYTHON}"
+    ok, why = cuda_probe()
+    if not ok:
+        return False, why
+    info = cuda_device_info()
+    return True, f"TensorRT {trt.__version__} on {info['gpu']} (compute capability {info['compute_capability']})"
+
+
+# --- building --------------------------------------------------------------------------------------------------------
+
+def build_engines(onnx_by_precision: dict[str, Path], out_dir: Path, sec: EngineSection, scale: int,
+                  force: bool = False) -> list[Path]:
+    """One plan per ONNX model: `{"fp16": .../student.fp16.onnx}` -> `out_dir/student.fp16.plan` + `.plan.json`.
+    A plan whose sidecar already matches the ONNX, the settings, this GPU and this TensorRT is kept unless `force`.
+    A UserError (with `trt_status()`'s reason) when TensorRT cannot run here."""
+    shapes = profile_shapes(sec, scale)
+    unknown = set(onnx_by_precision) - REQUIRED_DTYPES.keys()
+    if unknown:
+        raise UserError(f"unknown engine precision {', '.join(sorted(unknown))} (known: {', '.join(REQUIRED_DTYPES)})")
+    ok, why = trt_status()
+    if not ok:
+        raise UserError(f"cannot build TensorRT engines here: {why}")
+    here = device_info()
+    plans = []
+    for precision, onnx_path in onnx_by_precision.items():
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise UserError(f"{onnx_path} does not exist; run `pipeline export` (and `pipeline quantize`) first")
+        plan = Path(out_dir) / onnx_path.with_suffix(".plan").name
+        key = {"precision": precision, "onnx_sha256": sha256_file(onnx_path), "scale": scale,
+               "profile": {k: list(v) for k, v in shapes.items()}, "max_batch": sec.max_batch,
+               "workspace_mb": sec.workspace_mb, "opt_level": sec.opt_level,
+               "version_compatible": sec.version_compatible, "tensorrt": here["tensorrt"], "gpu": here["gpu"],
+               "compute_capability": here["compute_capability"]}
+        if not force and _is_current(plan, key):
+            log.info("%s is up to date (same ONNX, settings, GPU and TensorRT)", plan.name)
+        else:
+            log.info("building %s from %s (TensorRT %s, %s)", plan.name, onnx_path.name, here["tensorrt"], here["gpu"])
+            _build_plan(onnx_path, plan, sec, {**key, **here, "onnx": onnx_path.name})
+        plans.append(plan)
+    return plans
+
+
+def _is_current(plan: Path, key: dict[str, Any]) -> bool:
+    try:
+        old = json.loads(sidecar_path(plan).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return all(old.get(k) == v for k, v in key.items()) and plan.is_file() and old.get("plan_sha256") == sha256_file(plan)
+
+
+def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str, Any]) -> None:
+    """Build, check the precision, then write the plan and its sidecar (an existing plan stays on any failure)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # opt-in on 10.x; 11.x is always strongly typed
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise UserError(f"{onnx_path} must have one input and one output, has {network.num_inputs} and "
+                        f"{network.num_outputs}")
+    tensor = network.get_input(0)
+    shapes = input_profile(tuple(tensor.shape), {k: tuple(v) for k, v in meta["profile"].items()}, sec.max_batch)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(tensor.name, shapes["min"], shapes["opt"], shapes["max"])
+
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, sec.workspace_mb << 20)
+    config.builder_optimization_level = sec.opt_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if sec.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    cache_path = Path(sec.timing_cache).expanduser() if sec.timing_cache else None
+    if cache_path is not None:
+        _attach_timing_cache(config, cache_path)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise UserError(f"TensorRT could not build {onnx_path.name} (see its messages above)")
+    runtime = trt.Runtime(logger)
+    runtime.engine_host_code_allowed = sec.version_compatible
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise UserError(f"TensorRT built {onnx_path.name} but cannot load the result")
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    dtypes = assert_engine_precision(info, meta["precision"])
+
+    with atomic_path(plan) as tmp:
+        tmp.write_bytes(serialized)
+    write_json_atomic(sidecar_path(plan), {
+        **meta, "plan": plan.name, "plan_sha256": sha256_file(plan), "input": tensor.name, "input_shapes": shapes,
+        "tensor_dtypes": dtypes, "build_seconds": round(seconds, 1), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    if cache_path is not None:
+        _save_timing_cache(config, cache_path)
+
+
+def _attach_timing_cache(config: Any, path: Path) -> None:
+    blob = path.read_bytes() if path.is_file() else b""
+    if not config.set_timing_cache(config.create_timing_cache(blob), False):
+        log.warning("timing cache %s does not fit this GPU or TensorRT; starting an empty one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
+    except OSError as e:
+        log.warning("could not save the timing cache %s (%s); the next build will time its layers again", path, e)

@@ -1,0 +1,258 @@
+"""INT8 quantization: our own calibration on real LR crops, explicit QDQ that TensorRT 10 and 11 accept, and a
+per-layer sensitivity sweep that keeps the layers that hurt most in FP16.
+
+The INT8 model is the FP16 model with a QuantizeLinear -> DequantizeLinear pair on the inputs (activation and
+weight) of the chosen Conv nodes: symmetric INT8, zero points 0, per-channel weight scales on axis 0, per-tensor
+activation scales, FP16 scales, no bias quantization, nothing else quantized. Everything not quantized is FP16, so a
+strongly typed TensorRT build gives an INT8 + FP16 engine; ONNX Runtime's CPU provider runs the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
+
+from pipeline.data.datasets import PairFolder
+from pipeline.errors import UserError
+from pipeline.export import INPUT, conv_nodes
+from pipeline.metrics import psnr_y, to_uint8
+
+log = logging.getLogger("pipeline")
+
+# --- the calibration set --------------------------------------------------------------------------------------------
+
+def calibration_set(data: str, scale: int, count: int, crop: int, holdout: int, seed: int) -> dict[str, np.ndarray]:
+    """`count` distinct, non-overlapping LR crops (`crop` px square, with their HR crops) from the training images,
+    drawn with `seed`; the last `holdout` of them are held out to measure the INT8 model, the rest calibrate it."""
+    pairs = list(PairFolder(data, scale))
+    cells = [(i, y, x) for i, p in enumerate(pairs)
+             for y in range(0, p.lr.shape[0] - crop + 1, crop) for x in range(0, p.lr.shape[1] - crop + 1, crop)]
+    if len(cells) < count:
+        raise UserError(f"the training data {data} yields only {len(cells)} distinct {crop}x{crop} LR crops, "
+                        f"quant.calib_count asks for {count}: lower quant.calib_count or quant.calib_crop")
+    chosen = np.random.default_rng(seed).choice(len(cells), size=count, replace=False)
+    lr, hr = [], []
+    for k in chosen:
+        i, y, x = cells[k]
+        lr.append(pairs[i].lr[y:y + crop, x:x + crop])
+        hr.append(pairs[i].hr[y * scale:(y + crop) * scale, x * scale:(x + crop) * scale])
+    return {"lr": np.stack(lr), "hr": np.stack(hr), "holdout": np.arange(count) >= count - holdout,
+            "scale": np.array(scale), "seed": np.array(seed)}
+
+
+def load_calibration(path: Path, count: int, crop: int, scale: int) -> dict[str, np.ndarray]:
+    """A saved calibration set, checked against what the config asks for."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            calib = {k: z[k] for k in ("lr", "hr", "holdout", "scale", "seed")}
+    except FileNotFoundError:
+        raise UserError(f"calibration set {path} does not exist") from None
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a calibration set of `pipeline quantize` ({e})") from None
+    n, h, w = calib["lr"].shape[:3]
+    if int(calib["scale"]) != scale:
+        raise UserError(f"{path} was made for x{int(calib['scale'])}, this run is x{scale}")
+    if n < count:
+        raise UserError(f"{path} holds {n} crops, quant.calib_count asks for {count}")
+    if (h, w) != (crop, crop):
+        raise UserError(f"{path} holds {w}x{h} crops, quant.calib_crop asks for {crop}")
+    return calib
+
+
+def _batches(lr: np.ndarray, size: int = 8) -> list[np.ndarray]:
+    x = lr.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+# --- activation ranges ----------------------------------------------------------------------------------------------
+
+def activation_amax(fp32_model: Path, lr: np.ndarray, method: str, percentile: float) -> dict[str, float]:
+    """Symmetric range (max |x| to keep) of every Conv input tensor, from ONNX Runtime's calibrators."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({INPUT: b} for b in _batches(lr, 1))  # the histogram collectors need equal batches
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(fp32_model, ["Conv"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=methods[method],
+                                       extra_options={"symmetric": True, "percentile": percentile,
+                                                      "num_bins": 2048, "num_quantized_bins": 128})
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress notes
+            calibrator.collect_data(Reader())
+            ranges = calibrator.compute_data()
+    return {name: float(max(abs(float(np.max(t.range_value[0]))), abs(float(np.max(t.range_value[1])))))
+            for name, t in ranges.items()}
+
+
+# --- the QDQ graph --------------------------------------------------------------------------------------------------
+
+def quantize(fp16: onnx.ModelProto, amax: dict[str, float], layers: Collection[str]) -> onnx.ModelProto:
+    """The FP16 model with the Conv nodes named in `layers` quantized (input and weight); metadata precision int8."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(fp16)
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    unknown = set(layers) - {n.name for n in conv_nodes(proto)}
+    if unknown:
+        raise ValueError(f"no Conv node named {', '.join(sorted(unknown))}")
+    qdq: dict[str, str] = {}  # quantized tensor -> its DequantizeLinear output (one pair per tensor)
+    new_nodes: list[onnx.NodeProto] = []
+
+    def add_pair(tensor: str, scale: np.ndarray, axis: int | None) -> str:
+        if tensor not in qdq:
+            s, z = f"{tensor}_qscale", f"{tensor}_qzero"
+            g.initializer.extend([numpy_helper.from_array(scale.astype(np.float16), s),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), z)])
+            kw = {} if axis is None else {"axis": axis}
+            new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s, z], [f"{tensor}_q"],
+                                              name=f"{tensor}_QuantizeLinear", **kw))
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_q", s, z], [f"{tensor}_dq"],
+                                              name=f"{tensor}_DequantizeLinear", **kw))
+            qdq[tensor] = f"{tensor}_dq"
+        return qdq[tensor]
+
+    for node in g.node:
+        if node.op_type == "Conv" and node.name in layers:
+            x, w = node.input[0], node.input[1]
+            if x not in amax:
+                raise ValueError(f"no calibrated range for {x!r}, the input of {node.name}")
+            weight = numpy_helper.to_array(inits[w]).astype(np.float32)
+            w_amax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
+            node.input[0] = add_pair(x, np.array(_scale(amax[x])), None)
+            node.input[1] = add_pair(w, np.array([_scale(a) for a in w_amax]), 0)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    for p in proto.metadata_props:
+        if p.key == "precision":
+            p.value = "int8"
+    return proto
+
+
+def _scale(amax: float) -> float:
+    """INT8 scale for a symmetric range, kept representable in FP16 (an all-zero tensor still gets a valid scale)."""
+    return max(amax / 127, 2.0 ** -14) if amax > 0 else 1.0
+
+
+def check_qdq(proto: onnx.ModelProto) -> list[str]:
+    """Every broken rule of a TensorRT INT8 QDQ model, one line each (empty when the model is clean):
+    zero points present, INT8 and 0; scales > 0; per-channel only on axis 0; no INT32 (bias) DequantizeLinear;
+    Q feeds only DQ and DQ feeds only Conv inputs; no Q/DQ output is a graph output; DepthToSpace computes on float
+    (no Q/DQ produces its input, no DQ consumes its output: a Conv input quantized after it is allowed)."""
+    g = proto.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    errors = []
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        where = f"{n.op_type} {n.name or n.output[0]}"
+        data = inits.get(n.input[0])
+        if n.op_type == "DequantizeLinear" and data is not None and data.dtype == np.int32:
+            errors.append(f"{where}: dequantizes an INT32 tensor (bias); TensorRT accepts only activation types")
+        zero = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zero is None:
+            errors.append(f"{where}: no zero point initializer (the default is UINT8); give an INT8 zero point 0")
+        elif zero.dtype != np.int8 or np.any(zero != 0):
+            errors.append(f"{where}: zero point must be INT8 0, got {zero.dtype} {np.unique(zero)[:4].tolist()}")
+        scale = inits.get(n.input[1])
+        if scale is None or np.any(scale <= 0):
+            errors.append(f"{where}: scale must be a positive initializer")
+        elif scale.size > 1:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if axis != 0:
+                errors.append(f"{where}: per-channel axis is {axis}, must be 0")
+        if any(o in outputs for o in n.output):
+            errors.append(f"{where}: quantizes a graph output")
+        for c in consumers.get(n.output[0], []):
+            if n.op_type == "QuantizeLinear" and c.op_type != "DequantizeLinear":
+                errors.append(f"{where}: feeds {c.op_type} {c.name}, not a DequantizeLinear")
+            if n.op_type == "DequantizeLinear" and (c.op_type != "Conv" or list(c.input).index(n.output[0]) > 1):
+                errors.append(f"{where}: feeds {c.op_type} {c.name}; only Conv inputs (data, weight) are quantized")
+    for n in g.node:
+        if n.op_type != "DepthToSpace":
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            errors.append(f"DepthToSpace {n.name}: its input comes from {src.op_type} {src.name}")
+        if any(c.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], [])):
+            errors.append(f"DepthToSpace {n.name}: its output is dequantized")
+    return errors
+
+
+# --- sensitivity-guided mixed precision -----------------------------------------------------------------------------
+
+def holdout_psnr(model: onnx.ModelProto | Path, lr: np.ndarray, hr: np.ndarray, scale: int) -> float:
+    """Mean Y-PSNR (uint8 outputs, shave = scale) of a model on crops, with ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    outs = np.concatenate([session.run(None, {INPUT: b})[0] for b in _batches(lr)])
+    return float(np.mean([psnr_y(to_uint8(o.transpose(1, 2, 0)), h, scale) for o, h in zip(outs, hr)]))
+
+
+def choose_layers(fp32: Path, fp16: onnx.ModelProto, amax: dict[str, float], lr: np.ndarray, hr: np.ndarray,
+                  scale: int, max_drop_db: float, progress: bool = True) -> dict[str, Any]:
+    """Quantize each Conv alone and measure its PSNR cost on the held-out crops; then, from the fully quantized
+    model, keep the most sensitive Convs in FP16, one at a time, until the drop against FP32 is at most
+    `max_drop_db` (or only one INT8 Conv is left: then `reached` is False and the verify gate decides)."""
+    names = [n.name for n in conv_nodes(fp16)]
+    fp32_psnr = holdout_psnr(fp32, lr, hr, scale)
+
+    def drop(layers: Iterable[str]) -> float:
+        return fp32_psnr - holdout_psnr(quantize(fp16, amax, set(layers)), lr, hr, scale)
+
+    cost = {name: drop([name]) for name in tqdm(names, desc="per-layer sensitivity", unit="conv",
+                                                 disable=not progress, leave=False)}
+    order = sorted(names, key=lambda n: cost[n], reverse=True)
+    kept: list[str] = []
+    steps = [{"kept_float": [], "drop_db": drop(names)}]
+    while steps[-1]["drop_db"] > max_drop_db and len(kept) < len(names) - 1:
+        kept.append(order[len(kept)])
+        steps.append({"kept_float": list(kept), "drop_db": drop(n for n in names if n not in kept)})
+    final = steps[-1]["drop_db"]
+    table = [{"layer": n, "input": next(c.input[0] for c in conv_nodes(fp16) if c.name == n), "cost_db": cost[n],
+              "rank": order.index(n) + 1, "precision": "fp16" if n in kept else "int8"} for n in names]
+    return {"fp32_psnr_y": fp32_psnr, "all_int8_drop_db": steps[0]["drop_db"], "drop_db": final,
+            "max_drop_db": max_drop_db, "reached": final <= max_drop_db, "int8_layers": [n for n in names if n not in kept],
+            "fp16_layers": kept, "steps": steps, "layers": table}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"INT8 sensitivity on {result['holdout']} held-out crops: FP32 {result['fp32_psnr_y']:.3f} dB Y-PSNR; "
+             f"all Convs INT8: -{result['all_int8_drop_db']:.3f} dB; chosen: -{result['drop_db']:.3f} dB "
+             f"(target {result['max_drop_db']} dB: {'reached' if result['reached'] else 'NOT reached'}), "
+             f"{len(result['fp16_layers'])} Conv(s) kept in FP16.", "",
+             "| layer | cost alone (dB) | rank | precision |", "|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['cost_db']:.4f} | {r['rank']} | {r['precision']} |" for r in result["layers"]]
+    return "\n".join(lines) + "\n"
+
+
+def tensor_types(proto: onnx.ModelProto) -> set[str]:
+    """Element types of the initializers (for tests and the build's precision check)."""
+    return {TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer}

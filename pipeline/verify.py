@@ -1,0 +1,198 @@
+"""Verification: every backend x precision on the eval set against the PyTorch FP32 reference, with gates, and
+throughput at fixed LR sizes. A backend this machine lacks is a "skipped" row with its reason, never a pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.backends.base import BicubicRunner, Runner
+from pipeline.config import Config, parse_size
+from pipeline.data.datasets import PairFolder
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate, mean_row
+from pipeline.metrics import rgb_to_y
+
+log = logging.getLogger("pipeline")
+
+ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
+ORT_DEVICES = ("cpu", "cuda", "tensorrt")
+CROP = 40  # LR side of the visual comparison crop
+
+
+@dataclass
+class Candidate:
+    """One row to verify: how to make its runner, or why it cannot run here."""
+
+    backend: str
+    precision: str
+    model: str
+    make: Callable[[], Runner] | None
+    reason: str = ""
+
+
+def candidates(run_root: Path, student: Any) -> list[Candidate]:
+    """The reference first, then ONNX Runtime on every provider for every precision."""
+    from pipeline.backends.ort_runner import OrtRunner, provider_status
+    from pipeline.backends.torch_runner import TorchRunner
+
+    rows = [Candidate("pytorch", "fp32", "student.pt", lambda: TorchRunner(student))]
+    for device in ORT_DEVICES:
+        ok, reason = provider_status(device)
+        for precision, name in ONNX.items():
+            path = run_root / name
+            make = (lambda p=path, d=device: OrtRunner(p, d)) if ok else None
+            rows.append(Candidate(f"onnxruntime-{device}", precision, name, make, reason))
+    return rows
+
+
+def gate_for(cfg: Config, precision: str) -> float:
+    return {"fp32": cfg.verify.gate_fp32_db, "fp16": cfg.verify.gate_fp16_db, "int8": cfg.verify.gate_int8_db}[precision]
+
+
+def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
+           progress: bool = True) -> tuple[dict[str, Any], list]:
+    """Run every candidate (one alive at a time); returns the report dict and the labelled visual crops.
+
+    A backend named in `require` ('trt' stands for 'tensorrt') that could not run turns its rows into failures."""
+    pairs = list(PairFolder(cfg.data.eval, cfg.scale))
+    s = cfg.scale
+    first = pairs[0]
+    cy, cx = max(0, first.lr.shape[0] // 2 - CROP // 2), max(0, first.lr.shape[1] // 2 - CROP // 2)
+    crop_lr, crop_hr = (slice(cy, cy + CROP), slice(cx, cx + CROP)), (slice(cy * s, (cy + CROP) * s),
+                                                                     slice(cx * s, (cx + CROP) * s))
+    bicubic = mean_row(evaluate(BicubicRunner(s), pairs, s, progress))
+    crops = [("LR (bicubic)", BicubicRunner(s).infer(first.lr)[crop_hr])]
+    reference: list[np.ndarray] | None = None
+    rows = []
+    for cand in rows_to_run:
+        row: dict[str, Any] = {"backend": cand.backend, "precision": cand.precision, "model": cand.model,
+                               "status": "skipped", "reason": cand.reason, "psnr_y": None, "ssim_y": None,
+                               "delta_db": None, "psnr_vs_reference": None, "gate_db": gate_for(cfg, cand.precision),
+                               "latency_ms_p50": None, "latency_ms_p95": None, "throughput": []}
+        rows.append(row)
+        if cand.make is None:
+            continue
+        runner = cand.make()
+        with PeakRss() as rss, runner:
+            outputs: list[np.ndarray] = []
+            per_image = evaluate(runner, pairs, s, progress, outputs)
+            row["throughput"] = [_latency(runner, size, cfg.verify.warmup, cfg.verify.repeats)
+                                 for size in cfg.verify.latency_sizes]
+        for t in row["throughput"]:
+            t["peak_mem_mb"] = rss.peak_mb
+        if reference is None:
+            reference = outputs
+        mean = mean_row(per_image)
+        row.update(psnr_y=mean["psnr_y"], ssim_y=mean["ssim_y"], per_image=per_image,
+                   psnr_vs_reference=_pooled_psnr_y(outputs, reference))
+        row["latency_ms_p50"], row["latency_ms_p95"] = row["throughput"][-1]["p50_ms"], row["throughput"][-1]["p95_ms"]
+        crops.append((f"{cand.backend} {cand.precision}", outputs[0][crop_hr]))
+    crops.append(("HR", first.hr[crop_hr]))
+    ref_psnr = rows[0]["psnr_y"]
+    for row in rows:
+        if row["psnr_y"] is None:
+            continue
+        row["delta_db"] = row["psnr_y"] - ref_psnr
+        ok = abs(row["delta_db"]) <= row["gate_db"]
+        row["status"] = "pass" if ok else "fail"
+        if not ok:
+            row["reason"] = (f"|delta| {abs(row['delta_db']):.3f} dB > gate {row['gate_db']} dB against the PyTorch "
+                             "FP32 reference")
+    for name in require:
+        backend = {"trt": "tensorrt"}.get(name, name)
+        mine = [r for r in rows if r["backend"] == backend]
+        if not mine:
+            raise UserError(f"--require {name}: no such backend (known: trt, {', '.join(dict.fromkeys(r['backend'] for r in rows))})")
+        for row in mine:
+            if row["status"] == "skipped":
+                row["status"], row["reason"] = "fail", f"required but skipped: {row['reason']}"
+    report = {"scale": s, "data": cfg.data.eval, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine(), "gates": {p: gate_for(cfg, p) for p in ONNX},
+              "bicubic": {"psnr_y": bicubic["psnr_y"], "ssim_y": bicubic["ssim_y"]},
+              "latency": f"one forward call on a float32 batch of 1, host to host, after {cfg.verify.warmup} "
+                         f"warm-up calls; p50/p95 over {cfg.verify.repeats} calls",
+              "rows": rows, "passed": all(r["status"] != "fail" for r in rows)}
+    return report, [(label, img[:CROP * s, :CROP * s]) for label, img in crops]
+
+
+def _pooled_psnr_y(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Y-PSNR of all outputs against the reference outputs, one MSE over every pixel (inf when identical)."""
+    se = sum(float(np.sum((rgb_to_y(a) - rgb_to_y(b)) ** 2)) for a, b in zip(outputs, reference))
+    n = sum(a.shape[0] * a.shape[1] for a in outputs)
+    return math.inf if se == 0 else 10 * math.log10(255.0**2 / (se / n))
+
+
+def _latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
+    h, w = parse_size(size)
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    for _ in range(warmup):
+        runner.forward(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.forward(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50, "peak_mem_mb": None}
+
+
+class PeakRss:
+    """Peak resident memory of this process above its level on entry, sampled every 5 ms (Linux; else None)."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mb: float | None = None
+        self._base = _rss_mb()
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self._base is not None:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, _rss_mb() or 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._base is not None:
+            self._thread.join()
+            self.peak_mb = self._peak - self._base
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    from pipeline.bench import cpu_model
+
+    gpu = None
+    if "torch" in sys.modules:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "gpu": gpu}
+
+
+def failing(report: dict[str, Any]) -> list[str]:
+    return [f"{r['backend']} {r['precision']} ({r['model']}): {r['reason']}" for r in report["rows"]
+            if r["status"] == "fail"]
