@@ -131,7 +131,7 @@ def input_profile(input_shape: tuple[int, ...], shapes: dict[str, tuple[int, int
 def layer_dtypes(layer_info: str | dict[str, Any]) -> dict[str, int]:
     """How many layer inputs and outputs of each data type (fp32, fp16, bf16, fp8, int8) the engine inspector's
     JSON lists (it names them only when the engine was built with ProfilingVerbosity.DETAILED)."""
-    info = json.loads(layer_info) if isinstance(layer_info, str) else layer_info
+    info = json.loads(layer_info or "{}") if isinstance(layer_info, str) else layer_info
     counts: dict[str, int] = {}
     for layer in info.get("Layers", []):
         if not isinstance(layer, dict):
@@ -247,7 +247,10 @@ def cuda_probe() -> tuple[bool, str]:
         rt = import_cudart()
     except ImportError:
         return False, _NO_CUDA_PYTHON
-    err, count = rt.cudaGetDeviceCount()
+    try:
+        err, count = rt.cudaGetDeviceCount()
+    except Exception as e:  # noqa: BLE001 - e.g. cuda-python 13 failing to load libcudart
+        return False, f"cuda-python cannot reach the CUDA runtime ({type(e).__name__}: {e})"
     if err != rt.cudaError_t.cudaSuccess:
         return False, f"no CUDA device (cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()})"
     if count == 0:
@@ -327,7 +330,8 @@ def _is_current(plan: Path, key: dict[str, Any]) -> bool:
         old = json.loads(sidecar_path(plan).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return all(old.get(k) == v for k, v in key.items()) and plan.is_file() and old.get("plan_sha256") == sha256_file(plan)
+    same = all(old.get(k) == v for k, v in key.items())
+    return same and plan.is_file() and old.get("plan_sha256") == sha256_file(plan)
 
 
 def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str, Any]) -> None:

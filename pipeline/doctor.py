@@ -1,0 +1,205 @@
+"""`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, torch,
+nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, fast CPU INT8).
+
+Every probe fails softly: a missing binary or module, a failing or hanging command (timeout) or an unexpected
+exception becomes a line saying why, never a crash. TensorRT and cuda-python are reached only through
+`pipeline.engine`, which probes the GPU before TensorRT is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline import engine
+
+PROBE_TIMEOUT_S = 10
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def _run(cmd: list[str]) -> str | None:
+    """stdout of `cmd`, or None when it is missing, fails or runs past PROBE_TIMEOUT_S."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _soft(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return probe()
+    except Exception as e:  # noqa: BLE001 - doctor reports every failure instead of crashing
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
+
+
+def _cpu() -> dict[str, Any]:
+    fields = {}
+    for line in (_run(["lscpu"]) or "").splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    cpuinfo = ""
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = fields.get("Model name") or next(iter(re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)), "")
+    flags = set((fields.get("Flags") or next(iter(re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)), "")).split())
+    return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def _gpu() -> dict[str, Any]:
+    query = "--format=csv,noheader"
+    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", query]) or _run(
+        ["nvidia-smi", "--query-gpu=name,driver_version", query])  # older drivers lack compute_cap
+    if out and out.strip():
+        lines = out.strip().splitlines()
+        name, driver, *cc = (part.strip() for part in lines[0].split(","))
+        return {"name": name, "driver": driver, "compute_capability": cc[0] if cc else None, "count": len(lines),
+                "source": "nvidia-smi"}
+    ok, why = engine.cuda_probe()
+    if not ok:
+        return {"name": None, "reason": f"nvidia-smi not found or failed; {why}"}
+    info = engine.cuda_device_info()
+    return {"name": info["gpu"], "driver": f"CUDA {info['cuda_driver']}", "compute_capability":
+            info["compute_capability"], "source": "cuda-python"}
+
+
+def _cuda_runtime() -> dict[str, Any]:
+    if engine.cuda_probe()[0]:
+        return {"version": engine.cuda_device_info()["cuda_runtime"], "source": "cuda-python"}
+    try:
+        import torch
+    except ImportError:
+        return {"version": None}
+    return {"version": torch.version.cuda, "source": "torch build"}
+
+
+def _tensorrt() -> dict[str, Any]:
+    usable, detail = engine.trt_status()
+    return {"version": engine.tensorrt_version(), "usable": usable, "detail": detail}
+
+
+def _onnxruntime() -> dict[str, Any]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"version": None}
+    return {"version": ort.__version__, "providers": ort.get_available_providers()}
+
+
+def _torch() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {"version": None}
+    cuda = torch.cuda.is_available()
+    return {"version": torch.__version__, "cuda": cuda, "cuda_build": torch.version.cuda,
+            "device": torch.cuda.get_device_name() if cuda else None}
+
+
+def _nvcc() -> dict[str, Any]:
+    from kernels.build import KernelUnavailable, find_nvcc
+
+    try:
+        path = find_nvcc()
+    except KernelUnavailable:
+        return {"version": None, "reason": "nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)"}
+    release = re.search(r"release ([\d.]+)", _run([path, "--version"]) or "")
+    if release is None:
+        return {"version": None, "path": path, "reason": f"{path} --version failed"}
+    return {"version": release[1], "path": path}
+
+
+def enables(report: dict[str, Any]) -> dict[str, str]:
+    """What the probed machine can do, one line per capability, with the fallback where it cannot."""
+    trt, ort, torch = report["tensorrt"], report["onnxruntime"], report["torch"]
+    nvcc, flags = report["nvcc"], report["cpu"].get("flags", [])
+    out = {}
+    if trt.get("usable"):
+        out["TensorRT engines"] = f"yes ({trt['detail']}) -> `pipeline build`, verify runs the plans"
+    else:
+        why = (trt.get("detail") or trt.get("error", "")).removeprefix("skipped: ")
+        out["TensorRT engines"] = f"no ({why}) -> verify uses ONNX Runtime"
+    providers = ort.get("providers") or []
+    gpu_providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in providers]
+    if not ort.get("version"):
+        why = ort.get("error") or "onnxruntime not installed"
+        out["ONNX Runtime"] = f"no ({why}) -> no ONNX verification (pip install onnxruntime)"
+    elif gpu_providers:
+        out["ONNX Runtime"] = f"GPU ({', '.join(gpu_providers)})"
+    else:
+        out["ONNX Runtime"] = "CPU provider only"
+    if nvcc.get("version") and torch.get("cuda"):
+        out["fused CUDA kernel"] = f"yes (nvcc {nvcc['version']}, torch CUDA)"
+    elif nvcc.get("version"):
+        out["fused CUDA kernel"] = "build only (nvcc present, no GPU for torch) -> chunked PyTorch loss"
+    else:
+        why = nvcc.get("reason") or nvcc.get("error")
+        out["fused CUDA kernel"] = f"no ({why}) -> chunked PyTorch loss"
+    out["training"] = f"GPU ({torch['device']})" if torch.get("cuda") else "CPU only (torch sees no CUDA GPU)"
+    if "amx_int8" in flags:
+        out["INT8 on the CPU"] = "AMX-INT8 and VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
+    elif {"avx512_vnni", "avx_vnni"} & set(flags):
+        out["INT8 on the CPU"] = "VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
+    else:
+        out["INT8 on the CPU"] = "no VNNI/AMX flags: small INT8 gains on the CPU"
+    return out
+
+
+def doctor_report() -> dict[str, Any]:
+    """Everything `pipeline doctor` prints, as data (JSON-serialisable)."""
+    report = {
+        "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "cpu": _soft(_cpu),
+        "gpu": _soft(_gpu),
+        "cuda_runtime": _soft(_cuda_runtime),
+        "tensorrt": _soft(_tensorrt),
+        "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
+        "onnxruntime": _soft(_onnxruntime),
+        "torch": _soft(_torch),
+        "nvcc": _soft(_nvcc),
+    }
+    report["enables"] = enables(report)
+    return report
+
+
+def _line(section: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> str:
+    return f"probe failed ({section['error']})" if "error" in section else text(section)
+
+
+def format_doctor(report: dict[str, Any]) -> str:
+    cpu, gpu, cuda, trt = report["cpu"], report["gpu"], report["cuda_runtime"], report["tensorrt"]
+    ort, torch, nvcc = report["onnxruntime"], report["torch"], report["nvcc"]
+    machine = {
+        "platform": report["platform"],
+        "CPU": _line(cpu, lambda c: f"{c['model']}, {c['cores']} cores"
+                     + (f" ({', '.join(c['flags'])})" if c["flags"] else "")),
+        "GPU": _line(gpu, lambda g: f"{g['name']}, driver {g['driver']}, compute capability "
+                     f"{g['compute_capability'] or '?'} (via {g['source']})" if g["name"] else f"none ({g['reason']})"),
+        "CUDA runtime": _line(cuda, lambda c: f"{c['version']} ({c['source']})" if c["version"] else "none"),
+        "TensorRT": _line(trt, lambda t: t["version"] or "not installed"),
+        "cuda-python": report["cuda_python"] or "not installed",
+        "ONNX Runtime": _line(ort, lambda o: f"{o['version']} ({', '.join(o['providers'])})" if o["version"]
+                              else "not installed"),
+        "torch": _line(torch, lambda t: (f"{t['version']}, CUDA " + (f"available ({t['device']})" if t["cuda"]
+                       else "not available")) if t["version"] else "not installed"),
+        "nvcc": _line(nvcc, lambda n: f"{n['version']} ({n['path']})" if n["version"] else n["reason"]),
+    }
+    width = max(map(len, [*machine, *report["enables"]]))
+    lines = ["This machine"] + [f"  {k:<{width}}  {v}" for k, v in machine.items()]
+    lines += ["What it enables"] + [f"  {k:<{width}}  {v}" for k, v in report["enables"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""`pipeline doctor`: runs on this machine, and stays soft when binaries are missing, hang or probes raise."""
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+import kernels.build
+from pipeline import doctor
+from pipeline.doctor import doctor_report, enables, format_doctor
+from pipeline.engine import trt_status
+
+SECTIONS = ("cpu", "gpu", "cuda_runtime", "tensorrt", "cuda_python", "onnxruntime", "torch", "nvcc", "enables")
+
+
+def _fake_binary(folder, name, script):
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_doctor_runs_here():
+    report = doctor_report()
+    assert set(SECTIONS) <= report.keys()
+    json.dumps(report)
+    text = format_doctor(report)
+    for label in ("This machine", "CPU", "GPU", "CUDA runtime", "TensorRT", "cuda-python", "ONNX Runtime", "torch",
+                  "nvcc", "What it enables", "TensorRT engines", "fused CUDA kernel", "INT8 on the CPU"):
+        assert label in text
+    assert report["cpu"]["model"]
+    if not trt_status()[0]:
+        assert "-> verify uses ONNX Runtime" in report["enables"]["TensorRT engines"]
+
+
+def test_missing_binaries_on_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+
+    def no_nvcc():
+        raise kernels.build.KernelUnavailable("nvcc not found")
+
+    monkeypatch.setattr(kernels.build, "find_nvcc", no_nvcc)
+    report = doctor_report()
+    assert report["cpu"]["model"]  # from /proc/cpuinfo without lscpu
+    assert report["gpu"].get("source") != "nvidia-smi"
+    assert report["nvcc"]["version"] is None
+    assert report["enables"]["fused CUDA kernel"].startswith("no (nvcc not found")
+    assert "GPU" in format_doctor(report)
+
+
+def test_fake_nvidia_smi_is_parsed(monkeypatch, tmp_path):
+    _fake_binary(tmp_path, "nvidia-smi", 'echo "NVIDIA H100 80GB HBM3, 550.54.15, 9.0"')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    gpu = doctor_report()["gpu"]
+    assert gpu == {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15", "compute_capability": "9.0", "count": 1,
+                   "source": "nvidia-smi"}
+
+
+def test_hanging_binaries_time_out(monkeypatch, tmp_path):
+    for name in ("nvidia-smi", "lscpu"):
+        _fake_binary(tmp_path, name, "exec sleep 30")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(doctor, "PROBE_TIMEOUT_S", 0.2)
+    report = doctor_report()
+    assert report["gpu"].get("source") != "nvidia-smi" and report["cpu"]["model"]
+
+
+def test_any_probe_failure_is_reported_not_raised(monkeypatch):
+    def boom(*args, **kwargs):
+        raise subprocess.SubprocessError("boom")
+
+    def broken():
+        raise RuntimeError("broken install")
+
+    monkeypatch.setattr(doctor.subprocess, "run", boom)
+    monkeypatch.setattr(doctor, "_onnxruntime", broken)
+    report = doctor_report()
+    assert report["onnxruntime"] == {"error": "RuntimeError: broken install"}
+    assert report["enables"]["ONNX Runtime"].startswith("no (RuntimeError: broken install)")
+    assert "probe failed (RuntimeError: broken install)" in format_doctor(report)
+
+
+def _report(trt_usable, torch_cuda, nvcc_version, providers=("CPUExecutionProvider",), flags=()):
+    return {
+        "cpu": {"model": "cpu", "cores": 8, "flags": list(flags)},
+        "tensorrt": {"version": "10.3.0" if trt_usable else None, "usable": trt_usable,
+                     "detail": "TensorRT 10.3.0 on Orin (compute capability 8.7)" if trt_usable
+                     else "skipped: tensorrt is not installed"},
+        "onnxruntime": {"version": "1.32.0", "providers": list(providers)},
+        "torch": {"version": "2.13.0", "cuda": torch_cuda, "device": "Orin" if torch_cuda else None},
+        "nvcc": {"version": nvcc_version, "path": "/usr/local/cuda/bin/nvcc"} if nvcc_version
+        else {"version": None, "reason": "nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)"},
+    }
+
+
+@pytest.mark.parametrize(("report", "expected"), [
+    (_report(True, True, "12.6", ("CUDAExecutionProvider", "CPUExecutionProvider"), ("avx2",)), {
+        "TensorRT engines": "yes (TensorRT 10.3.0 on Orin (compute capability 8.7)) -> `pipeline build`, "
+                            "verify runs the plans",
+        "ONNX Runtime": "GPU (CUDAExecutionProvider)",
+        "fused CUDA kernel": "yes (nvcc 12.6, torch CUDA)",
+        "training": "GPU (Orin)",
+        "INT8 on the CPU": "no VNNI/AMX flags: small INT8 gains on the CPU"}),
+    (_report(False, False, "13.0", flags=("avx512_vnni",)), {
+        "TensorRT engines": "no (tensorrt is not installed) -> verify uses ONNX Runtime",
+        "ONNX Runtime": "CPU provider only",
+        "fused CUDA kernel": "build only (nvcc present, no GPU for torch) -> chunked PyTorch loss",
+        "training": "CPU only (torch sees no CUDA GPU)",
+        "INT8 on the CPU": "VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"}),
+    (_report(False, False, None), {
+        "fused CUDA kernel": "no (nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)) -> chunked PyTorch loss"}),
+])
+def test_what_the_machine_enables(report, expected):
+    lines = enables(report)
+    assert {k: lines[k] for k in expected} == expected

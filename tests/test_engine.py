@@ -1,0 +1,426 @@
+"""TensorRT engines: the pure parts everywhere (profiles, config checks, precision assertion on recorded inspector
+JSON, sidecar compatibility, lazy imports, the runner's sidecar handling), and real builds and runs of tiny FP16 /
+INT8 / FP32 models compared with ONNX Runtime where TensorRT and a GPU are present (skipped elsewhere, with why)."""
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import typing
+
+import numpy as np
+import pytest
+
+from pipeline.backends.trt_runner import TrtRunner
+from pipeline.engine import (
+    EngineSection,
+    assert_engine_precision,
+    build_engines,
+    cuda_probe,
+    input_profile,
+    layer_dtypes,
+    plan_incompatibility,
+    profile_shapes,
+    read_sidecar,
+    sidecar_path,
+    trt_status,
+    validate_engine_section,
+)
+from pipeline.errors import UserError
+
+TRT_OK, TRT_WHY = trt_status()
+needs_trt = pytest.mark.skipif(not TRT_OK, reason=TRT_WHY)
+no_tensorrt_installed = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                                           reason="tensorrt is installed here")
+
+
+# --- profiles and config ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("profile", "scale", "lr_hw"), [
+    ("720p", 4, (180, 320)), ("720p", 3, (240, 427)), ("720p", 2, (360, 640)),
+    ("1080p", 4, (270, 480)), ("1080p", 3, (360, 640)), ("1080p", 2, (540, 960)),
+])
+def test_output_presets_give_the_lr_size_that_covers_the_frame(profile, scale, lr_hw):
+    shapes = profile_shapes(EngineSection(profile=profile), scale)
+    assert shapes == {"min": (64, 64), "opt": lr_hw, "max": lr_hw}
+    assert lr_hw[0] * scale >= int(profile[:-1]) and lr_hw[1] * scale >= {"720p": 1280, "1080p": 1920}[profile]
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tile_preset_is_static(scale):
+    assert profile_shapes(EngineSection(profile="tile", tile=128), scale) == dict.fromkeys(("min", "opt", "max"),
+                                                                                         (128, 128))
+
+
+def test_custom_profile_reads_width_x_height():
+    sec = EngineSection(profile="custom", min_lr="32x16", opt_lr="320x180", max_lr="640x360")
+    assert profile_shapes(sec, 4) == {"min": (16, 32), "opt": (180, 320), "max": (360, 640)}
+
+
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"min_lr": "64"}, "engine.min_lr"),
+    ({"min_lr": "0x64"}, "engine.min_lr"),
+    ({"min_lr": "64x-1"}, "engine.min_lr"),
+    ({"profile": "4k"}, "engine.profile"),
+    ({"profile": "custom", "max_lr": "640x360"}, "engine.opt_lr"),
+    ({"profile": "custom", "opt_lr": "320x180"}, "engine.max_lr"),
+    ({"profile": "custom", "opt_lr": "320x180", "max_lr": "big"}, "engine.max_lr"),
+    ({"opt_lr": "320x180"}, "engine.opt_lr"),
+    ({"tile": 0}, "engine.tile"),
+    ({"max_batch": 0}, "engine.max_batch"),
+    ({"workspace_mb": 0}, "engine.workspace_mb"),
+    ({"opt_level": 6}, "engine.opt_level"),
+    ({"opt_level": -1}, "engine.opt_level"),
+])
+def test_bad_engine_values_name_the_key(changes, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        validate_engine_section(EngineSection(**changes))
+
+
+@pytest.mark.parametrize("sec", [
+    EngineSection(min_lr="400x400"),  # larger than the 720p LR size at x4 (320x180)
+    EngineSection(profile="custom", min_lr="64x64", opt_lr="640x360", max_lr="320x180"),
+    EngineSection(profile="custom", min_lr="64x64", opt_lr="32x32", max_lr="320x180"),
+])
+def test_profile_must_be_ordered(sec):
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        profile_shapes(sec, 4)
+
+
+def test_defaults_are_valid_and_typed_for_the_config_loader():
+    validate_engine_section(EngineSection())
+    hints = typing.get_type_hints(EngineSection)
+    assert typing.get_args(hints["profile"]) == ("720p", "1080p", "tile", "custom")
+    assert hints["workspace_mb"] is int and hints["version_compatible"] is bool
+
+
+def test_input_profile_fills_batch_and_lr_sizes():
+    shapes = {"min": (64, 64), "opt": (180, 320), "max": (180, 320)}
+    assert input_profile((-1, 3, -1, -1), shapes, 4) == {
+        "min": (1, 3, 64, 64), "opt": (4, 3, 180, 320), "max": (4, 3, 180, 320)}
+    assert input_profile((1, 3, -1, -1), shapes, 1)["opt"] == (1, 3, 180, 320)
+    with pytest.raises(UserError, match="fixed batch"):
+        input_profile((1, 3, -1, -1), shapes, 2)
+    with pytest.raises(UserError, match="fixed size"):
+        input_profile((-1, 3, 64, 64), shapes, 1)
+
+
+# --- precision assertion on recorded inspector JSON ------------------------------------------------------------------
+
+def _tensor(name, fmt, dims=(1, 48, 180, 320)):
+    return {"Name": name, "Location": "Device", "Dimensions": list(dims), "Format/Datatype": fmt}
+
+
+def _layer(name, layer_type, inputs, outputs, **params):
+    return {"Name": name, "LayerType": layer_type, "Inputs": inputs, "Outputs": outputs, **params}
+
+
+def _engine_json(act, conv_in, weights, io=("Row major linear FP32", "Row major linear FP32")):
+    """Layer information as IEngineInspector prints it (JSON, ProfilingVerbosity.DETAILED) for a strongly typed
+    EDSR-like student: input cast, head conv, body conv + ReLU, DepthToSpace, output cast."""
+    return {
+        "Layers": [
+            _layer("/cast_lr", "Reformat", [_tensor("lr", io[0], (1, 3, 180, 320))],
+                   [_tensor("lr_fp16", act, (1, 3, 180, 320))], ParameterType="Reformat", Origin="CAST"),
+            _layer("/head/Conv", "CaskConvolution", [_tensor("lr_fp16", conv_in, (1, 3, 180, 320))],
+                   [_tensor("/head/Conv_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+                   Weights={"Type": weights, "Count": 1296}, Bias={"Type": weights, "Count": 48},
+                   TacticName="sm80_xmma_fprop_implicit_gemm_tilesize64x32x64_stage5"),
+            _layer("/body/0/Conv + /body/0/Relu", "CaskConvolution", [_tensor("/head/Conv_output_0", conv_in)],
+                   [_tensor("/body/0/Relu_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+                   Weights={"Type": weights, "Count": 20736}, HasReLU=1),
+            _layer("/tail/DepthToSpace", "Shuffle", [_tensor("/body/0/Relu_output_0", act)],
+                   [_tensor("sr_fp16", act, (1, 3, 720, 1280))], ParameterType="Shuffle"),
+            _layer("/cast_sr", "Cast", [_tensor("sr_fp16", act, (1, 3, 720, 1280))],
+                   [_tensor("sr", io[1], (1, 3, 720, 1280))], ParameterType="Cast"),
+        ],
+        "Bindings": ["lr", "sr"],
+    }
+
+
+FP32_ENGINE = _engine_json("Row major linear FP32", "Row major linear FP32", "Float")
+FP16_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
+                           "Channel major FP16 format where channel % 8 == 0", "Half")
+INT8_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
+                           "Thirty-two wide channel vectorized row major Int8 format.", "Int8")
+INT8_FP32_REST = _engine_json("Row major linear FP32", "Int8", "Int8")  # QDQ with the rest left FP32
+MYELIN_FP16 = {"Layers": [_layer("__myl_CastConvAddRelu", "kgen", [_tensor("lr", "Float")],
+                                 [_tensor("feat", "Half")]),
+                          _layer("__myl_DepthToSpaceCast", "kgen", [_tensor("feat", "Half")],
+                                 [_tensor("sr", "Float")])]}
+
+
+def test_layer_dtypes_reads_tensorrt_spellings():
+    assert layer_dtypes(FP16_ENGINE) == {"fp32": 2, "fp16": 8}
+    assert layer_dtypes(json.dumps(INT8_ENGINE)) == {"fp32": 2, "fp16": 6, "int8": 2}
+    assert layer_dtypes(MYELIN_FP16) == {"fp32": 2, "fp16": 2}
+    assert layer_dtypes({"Layers": [_layer("x", "kgen", [_tensor("a", "BFloat16")], [_tensor("b", "FP8")])]}) == {
+        "bf16": 1, "fp8": 1}
+
+
+def test_fp16_engine_passes():
+    assert assert_engine_precision(json.dumps(FP16_ENGINE), "fp16")["fp16"] == 8
+    assert assert_engine_precision(MYELIN_FP16, "fp16")
+
+
+def test_fp32_engine_labelled_fp16_fails():
+    with pytest.raises(UserError, match="FP16 engine has no FP16 layers"):
+        assert_engine_precision(FP32_ENGINE, "fp16")
+
+
+def test_int8_plan_needs_int8_and_an_fp16_rest():
+    assert assert_engine_precision(INT8_ENGINE, "int8")["int8"] == 2
+    with pytest.raises(UserError, match="INT8 engine has no INT8 layers"):
+        assert_engine_precision(FP16_ENGINE, "int8")
+    with pytest.raises(UserError, match="INT8 engine has no FP16 layers"):
+        assert_engine_precision(INT8_FP32_REST, "int8")
+
+
+def test_layer_names_only_cannot_confirm_precision():
+    with pytest.raises(UserError, match="DETAILED"):
+        assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], "Bindings": ["lr", "sr"]}, "fp16")
+
+
+# --- sidecars --------------------------------------------------------------------------------------------------------
+
+HERE = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6",
+        "cuda_driver": "12.6"}
+
+
+def _sidecar(**changes):
+    return {"precision": "fp16", "scale": 4, "max_batch": 2, "plan_sha256": "0" * 64,
+            "profile": {"min": [64, 64], "opt": [180, 320], "max": [180, 320]},
+            "version_compatible": False, **{k: HERE[k] for k in ("tensorrt", "gpu", "compute_capability")},
+            **changes}
+
+
+def test_same_device_is_compatible():
+    assert plan_incompatibility(_sidecar(), HERE) is None
+
+
+@pytest.mark.parametrize("changes", [{"gpu": "NVIDIA GeForce RTX 4090"}, {"compute_capability": "8.9"}])
+def test_other_gpu_is_refused(changes):
+    problem = plan_incompatibility(_sidecar(**changes), HERE)
+    assert problem is not None and "Orin" in problem and "built on" in problem
+
+
+def test_other_gpu_is_refused_even_when_version_compatible():
+    assert plan_incompatibility(_sidecar(gpu="NVIDIA H100", version_compatible=True), HERE) is not None
+
+
+def test_other_tensorrt_is_refused_unless_version_compatible_and_newer():
+    problem = plan_incompatibility(_sidecar(tensorrt="10.1.0"), HERE)
+    assert problem == "was built with TensorRT 10.1.0, this is TensorRT 10.3.0"
+    assert plan_incompatibility(_sidecar(tensorrt="10.1.0", version_compatible=True), HERE) is None
+    assert plan_incompatibility(_sidecar(tensorrt="10.3.0", version_compatible=True),
+                                {**HERE, "tensorrt": "11.0.0"}) is None
+    older = plan_incompatibility(_sidecar(tensorrt="10.13.0", version_compatible=True), HERE)
+    assert older is not None and "same or newer" in older
+
+
+def test_read_sidecar_errors_say_to_rebuild(tmp_path):
+    plan = tmp_path / "student.fp16.plan"
+    with pytest.raises(UserError, match="pipeline build"):
+        read_sidecar(plan)
+    plan.write_bytes(b"plan")
+    with pytest.raises(UserError, match="no sidecar.*pipeline build"):
+        read_sidecar(plan)
+    sidecar_path(plan).write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        read_sidecar(plan)
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    assert read_sidecar(plan)["precision"] == "fp16"
+
+
+def test_runner_takes_scale_precision_and_tiling_from_the_sidecar(tmp_path):
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"plan")
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    runner = TrtRunner(plan)
+    assert (runner.backend, runner.name, runner.precision) == ("tensorrt", "tensorrt-fp16", "fp16")
+    assert (runner.scale, runner.batch, runner.max_lr_hw) == (4, 2, (180, 320))
+    assert runner._tile_grid((360, 640)) is not None  # larger than the profile: tiled by the base class
+    with pytest.raises(UserError, match="max batch 2"):
+        TrtRunner(plan, batch=3)
+
+
+# --- probing without TensorRT ----------------------------------------------------------------------------------------
+
+def test_importing_engine_modules_loads_neither_tensorrt_nor_cuda_python():
+    code = ("import sys, pipeline.engine, pipeline.backends.trt_runner, pipeline.doctor; "
+            "print(sorted(m for m in sys.modules if m == 'tensorrt' or m == 'cuda' or m.startswith('cuda.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_trt_status_reports_a_missing_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert trt_status() == (False, "skipped: tensorrt is not installed")
+
+
+def test_cuda_probe_reports_a_missing_cuda_python(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    ok, why = cuda_probe()
+    assert not ok and "cuda-python is not installed" in why
+
+
+@no_tensorrt_installed
+def test_trt_status_here_is_false_with_a_reason():
+    assert trt_status() == (False, "skipped: tensorrt is not installed")
+
+
+@no_tensorrt_installed
+def test_build_and_run_need_tensorrt(tmp_path):
+    onnx_path = tmp_path / "student.fp16.onnx"
+    onnx_path.write_bytes(b"model")
+    with pytest.raises(UserError, match="cannot build TensorRT engines here: skipped: tensorrt is not installed"):
+        build_engines({"fp16": onnx_path}, tmp_path, EngineSection(), 4)
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"plan")
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    with pytest.raises(UserError, match="tensorrt is not installed"):
+        TrtRunner(plan).activate()
+
+
+def test_build_checks_config_and_precision_before_tensorrt(tmp_path):
+    with pytest.raises(UserError, match="engine.workspace_mb"):
+        build_engines({"fp16": tmp_path / "m.onnx"}, tmp_path, EngineSection(workspace_mb=0), 4)
+    with pytest.raises(UserError, match="unknown engine precision bf16"):
+        build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
+
+
+# --- TensorRT on a GPU -----------------------------------------------------------------------------------------------
+
+def tiny_sr_onnx(path, precision, scale=2, seed=0):
+    """A one-conv x`scale` SR model `lr` -> `sr` (float32 NCHW, dynamic N/H/W) typed like our exports: fp32; fp16
+    inside with Casts at the ends; int8 = that fp16 model with symmetric Q/DQ on the conv input and weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c = 3 * scale * scale
+    weight = (rng.standard_normal((c, 3, 3, 3)) * 0.2).astype(np.float32)
+    bias = rng.uniform(0.2, 0.6, c).astype(np.float32)
+    ftype = np.float32 if precision == "fp32" else np.float16
+    inits = [numpy_helper.from_array(weight.astype(ftype), "w"), numpy_helper.from_array(bias.astype(ftype), "b")]
+    x, w, nodes = "lr", "w", []
+    if precision != "fp32":
+        nodes.append(helper.make_node("Cast", ["lr"], ["lr16"], to=TensorProto.FLOAT16))
+        x = "lr16"
+    if precision == "int8":
+        inits += [numpy_helper.from_array(np.array(1 / 127, np.float16), "x_s"),
+                  numpy_helper.from_array(np.array(0, np.int8), "x_z"),
+                  numpy_helper.from_array((np.abs(weight).reshape(c, -1).max(1) / 127).astype(np.float16), "w_s"),
+                  numpy_helper.from_array(np.zeros(c, np.int8), "w_z")]
+        nodes += [helper.make_node("QuantizeLinear", [x, "x_s", "x_z"], ["x_q"]),
+                  helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
+                  helper.make_node("QuantizeLinear", ["w", "w_s", "w_z"], ["w_q"], axis=0),
+                  helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=0)]
+        x, w = "x_dq", "w_dq"
+    y = "sr" if precision == "fp32" else "sr16"
+    nodes += [helper.make_node("Conv", [x, w, "b"], ["feat"], pads=[1, 1, 1, 1]),
+              helper.make_node("DepthToSpace", ["feat"], [y], blocksize=scale, mode="CRD")]
+    if precision != "fp32":
+        nodes.append(helper.make_node("Cast", ["sr16"], ["sr"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(nodes, f"tiny_{precision}",
+                              [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, ["N", 3, "SH", "SW"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"lr": x})[0]
+
+
+SMALL = EngineSection(profile="custom", min_lr="16x16", opt_lr="48x48", max_lr="64x64", max_batch=2, workspace_mb=256,
+                      opt_level=1)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    sec = dataclasses.replace(SMALL, timing_cache=str(root / "trt-timing.cache"))
+    models = {p: tiny_sr_onnx(root / f"student.{p}.onnx", p) for p in ("fp16", "int8")}
+    return root, sec, models, build_engines(models, root, sec, 2)
+
+
+@needs_trt
+def test_plans_sidecars_and_timing_cache_are_written(built):
+    root, sec, models, plans = built
+    assert [p.name for p in plans] == ["student.fp16.plan", "student.int8.plan"]
+    for precision, plan in zip(("fp16", "int8"), plans):
+        side = read_sidecar(plan)
+        assert side["precision"] == precision and side["scale"] == 2 and side["max_batch"] == 2
+        assert side["profile"] == {"min": [16, 16], "opt": [48, 48], "max": [64, 64]}
+        assert {"tensorrt", "gpu", "compute_capability", "cuda_runtime", "cuda_driver", "onnx_sha256",
+                "build_seconds", "version_compatible"} <= side.keys()
+        assert "fp16" in side["tensor_dtypes"] and (precision != "int8" or "int8" in side["tensor_dtypes"])
+    assert (root / "trt-timing.cache").stat().st_size > 0
+    before = [p.stat().st_mtime_ns for p in plans]
+    assert build_engines(models, root, sec, 2) == plans
+    assert [p.stat().st_mtime_ns for p in plans] == before  # up to date: not rebuilt
+
+
+@needs_trt
+@pytest.mark.parametrize(("precision", "atol"), [("fp16", 1e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("buffers", ["cuda-python", "torch"])
+def test_engine_matches_onnxruntime(built, precision, atol, buffers):
+    if buffers == "torch":
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("torch has no CUDA")
+    root, _, models, _ = built
+    x = np.random.default_rng(1).random((2, 3, 40, 56), dtype=np.float32)
+    with TrtRunner(root / f"student.{precision}.plan", buffers=buffers) as runner:
+        sr = runner.forward(x)
+        small = runner.forward(x[:1, :, :9, :12])  # below the profile minimum: padded, then cropped
+    assert sr.shape == (2, 3, 80, 112) and small.shape == (1, 3, 18, 24)
+    np.testing.assert_allclose(sr, _ort(models[precision], x), atol=atol)
+
+
+@needs_trt
+def test_images_larger_than_the_profile_are_tiled(built):
+    root, _, models, _ = built
+    lr = np.random.default_rng(2).integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    with TrtRunner(root / "student.fp16.plan") as runner:
+        sr = runner.infer(lr)
+    whole = _ort(models["fp16"], lr.transpose(2, 0, 1)[None].astype(np.float32) / 255)[0].transpose(1, 2, 0)
+    expected = np.clip(np.round(whole * 255), 0, 255)
+    assert sr.shape == (180, 300, 3)
+    assert np.abs(sr.astype(int) - expected).max() <= 3
+
+
+@needs_trt
+def test_latency_measurement(built):
+    root = built[0]
+    with TrtRunner(root / "student.fp16.plan") as runner:
+        times = runner.measure_latency(np.zeros((1, 3, 48, 48), np.float32), iters=5, warmup=2)
+    assert len(times["gpu_ms"]) == len(times["end_to_end_ms"]) == 5
+    assert all(t > 0 for t in times["gpu_ms"] + times["end_to_end_ms"])
+
+
+@needs_trt
+@pytest.mark.parametrize("changes", [{"gpu": "Another GPU"}, {"tensorrt": "9.0.0"}])
+def test_runner_refuses_a_plan_built_elsewhere(built, tmp_path, changes):
+    root = built[0]
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes((root / "student.fp16.plan").read_bytes())
+    sidecar_path(plan).write_text(json.dumps({**read_sidecar(root / "student.fp16.plan"), **changes}))
+    with pytest.raises(UserError, match="rebuild it from the ONNX on this device"):
+        TrtRunner(plan).activate()
+
+
+@needs_trt
+def test_fp32_model_labelled_fp16_fails_and_keeps_the_old_plan(tmp_path):
+    onnx_path = tiny_sr_onnx(tmp_path / "student.fp16.onnx", "fp32")
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"the previous plan")
+    with pytest.raises(UserError, match="FP16 engine has no FP16 layers"):
+        build_engines({"fp16": onnx_path}, tmp_path, dataclasses.replace(SMALL, timing_cache=""), 2, force=True)
+    assert plan.read_bytes() == b"the previous plan" and not sidecar_path(plan).exists()

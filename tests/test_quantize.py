@@ -1,0 +1,212 @@
+"""INT8 quantization: the calibration set, the QDQ graph against a PyTorch fake-quantization oracle, the QDQ rule
+check on deliberately broken graphs, and the sensitivity-guided choice of layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from models import create_model
+from pipeline import export, quantize
+from pipeline.data.datasets import PairFolder, PatchSampler
+from pipeline.errors import UserError
+
+SCALE = 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = _briefly_trained()
+    out = tmp_path_factory.mktemp("quant")
+    fp32 = out / "s.fp32.onnx"
+    export.export_fp32(model, fp32, export.model_meta(model, "a", "b"))
+    fp16 = export.to_fp16(onnx.load(str(fp32)))
+    calib = quantize.calibration_set("embedded-train", SCALE, 12, 24, 4, seed=0)
+    amax = quantize.activation_amax(fp32, calib["lr"][~calib["holdout"]], "minmax", 99.99)
+    return model, fp32, fp16, calib, amax
+
+
+def _briefly_trained() -> torch.nn.Module:
+    """A tiny student after 150 L1 steps: enough for PSNR against HR to mean something."""
+    torch.manual_seed(0)
+    model = create_model("tiny_student", scale=SCALE)
+    sampler = PatchSampler(list(PairFolder("embedded-train", SCALE)), 24, SCALE)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        lr, hr = sampler.sample(8, gen)
+        loss = torch.nn.functional.l1_loss(model(lr), hr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _run_all(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"lr": x})
+
+
+def _init(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == name)
+
+
+def test_calibration_set_is_distinct_seeded_and_sized():
+    a = quantize.calibration_set("embedded-train", 4, 20, 16, 5, seed=1)
+    b = quantize.calibration_set("embedded-train", 4, 20, 16, 5, seed=1)
+    c = quantize.calibration_set("embedded-train", 4, 20, 16, 5, seed=2)
+    assert a["lr"].shape == (20, 16, 16, 3) and a["hr"].shape == (20, 64, 64, 3) and a["lr"].dtype == np.uint8
+    assert a["holdout"].sum() == 5 and not a["holdout"][:15].any()
+    np.testing.assert_array_equal(a["lr"], b["lr"])
+    assert not np.array_equal(a["lr"], c["lr"])
+    assert len({crop.tobytes() for crop in a["lr"]}) == 20
+    # Each HR crop is the HR of its LR crop: bicubic-downscaling it gives the LR crop back (up to border effects).
+    from pipeline.data.imresize import imresize
+
+    inner = (slice(4, -4), slice(4, -4))
+    down = np.clip(np.round(imresize(a["hr"][0].astype(np.float64), 1 / 4)), 0, 255)
+    assert np.abs(down[inner] - a["lr"][0][inner]).mean() < 1.0
+
+
+def test_calibration_set_smaller_than_requested_is_refused(tmp_path):
+    with pytest.raises(UserError, match="yields only .* distinct 96x96 LR crops"):
+        quantize.calibration_set("embedded-train", 4, 40, 96, 4, seed=0)
+    calib = quantize.calibration_set("embedded-train", 4, 10, 16, 2, seed=0)
+    with open(tmp_path / "calib.npz", "wb") as f:
+        np.savez(f, **calib)
+    with pytest.raises(UserError, match="holds 10 crops, quant.calib_count asks for 20"):
+        quantize.load_calibration(tmp_path / "calib.npz", 20, 16, 4)
+    with pytest.raises(UserError, match="made for x4"):
+        quantize.load_calibration(tmp_path / "calib.npz", 10, 16, 2)
+    assert quantize.load_calibration(tmp_path / "calib.npz", 10, 16, 4)["lr"].shape == (10, 16, 16, 3)
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(UserError, match="not a calibration set"):
+        quantize.load_calibration(tmp_path / "bad.npz", 10, 16, 4)
+
+
+def test_one_quantized_conv_matches_a_fake_quantization_oracle(setup):
+    model, _, fp16, calib, amax = setup
+    layer = "body.1.conv1"
+    x_in = next(n.input[0] for n in export.conv_nodes(fp16) if n.name == layer)
+    coarse = {**amax, x_in: amax[x_in] * 30}  # a coarse activation grid, so quantization clearly shows
+    q = quantize.quantize(fp16, coarse, {layer})
+    assert quantize.check_qdq(q) == []
+    node = next(n for n in q.graph.node if n.name == layer)
+    x_name = node.input[0].removesuffix("_dq")
+    w_name = node.input[1].removesuffix("_dq")
+    w16 = _init(fp16, w_name).astype(np.float64)
+    expected_w_scale = (np.abs(w16.reshape(len(w16), -1)).max(axis=1) / 127).astype(np.float16)
+    np.testing.assert_array_equal(_init(q, f"{w_name}_qscale"), expected_w_scale)
+    s_x = float(_init(q, f"{x_name}_qscale"))
+    assert x_name == x_in and s_x == pytest.approx(coarse[x_name] / 127, rel=1e-3)
+    assert all(not _init(q, f"{t}_qzero").any() for t in (x_name, w_name))
+
+    # Expose the conv's FP16 input (before Q) and output, and redo Q -> DQ -> Conv in float64 from that input.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.extend([helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT16, None)
+                               for t in (x_name, node.output[0])])
+    x = calib["lr"][:4].transpose(0, 3, 1, 2).astype(np.float32) / 255
+    _, xin, yconv = _run_all(probe, x)
+    s_w = expected_w_scale.astype(np.float64).reshape(-1, 1, 1, 1)
+    xq = np.clip(np.round(xin.astype(np.float64) / s_x), -128, 127) * s_x
+    wq = np.clip(np.round(w16 / s_w), -128, 127) * s_w
+    bias = _init(fp16, node.input[2]).astype(np.float64)
+    oracle = torch.nn.functional.conv2d(torch.from_numpy(xq), torch.from_numpy(wq), torch.from_numpy(bias),
+                                        padding=1).numpy()
+    assert len(np.unique(xq)) < 60  # the coarse grid is really applied (an FP16 input has thousands of values)
+    np.testing.assert_allclose(yconv.astype(np.float64), oracle, rtol=0, atol=2e-3 * np.abs(oracle).max())
+
+
+def test_the_qdq_check_catches_every_broken_rule(setup):
+    _, _, fp16, _, amax = setup
+    names = [n.name for n in export.conv_nodes(fp16)]
+    clean = quantize.quantize(fp16, amax, names)
+    assert quantize.check_qdq(clean) == []
+    assert quantize.check_qdq(fp16) == []
+
+    def broken(edit) -> list[str]:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(clean)
+        edit(proto)
+        return quantize.check_qdq(proto)
+
+    def nonzero_zero_point(p):
+        zp = next(i for i in p.graph.initializer if i.name.endswith("_qzero") and not i.dims)
+        zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+
+    def uint8_zero_point(p):
+        zp = next(i for i in p.graph.initializer if i.name.endswith("_qzero") and not i.dims)
+        zp.CopyFrom(numpy_helper.from_array(np.array(0, np.uint8), zp.name))
+
+    def axis_one(p):
+        dq = next(n for n in p.graph.node if n.op_type == "DequantizeLinear" and n.attribute)
+        dq.attribute[0].i = 1
+
+    def int32_bias(p):
+        conv = next(n for n in p.graph.node if n.op_type == "Conv")
+        bias = next(i for i in p.graph.initializer if i.name == conv.input[2])
+        p.graph.initializer.extend([numpy_helper.from_array(np.zeros(bias.dims, np.int32), "b_q"),
+                                    numpy_helper.from_array(np.array(0.1, np.float16), "b_s"),
+                                    numpy_helper.from_array(np.array(0, np.int32), "b_z")])
+        p.graph.node.insert(0, helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_z"], ["b_dq"], name="bias_dq"))
+        conv.input[2] = "b_dq"
+
+    def quantized_output(p):
+        last = p.graph.node[-1]  # the Cast that produces `sr`
+        last.output[0] = "sr_pre"
+        p.graph.initializer.extend([numpy_helper.from_array(np.array(0.01, np.float32), "o_s"),
+                                    numpy_helper.from_array(np.array(0, np.int8), "o_z")])
+        p.graph.node.extend([helper.make_node("QuantizeLinear", ["sr_pre", "o_s", "o_z"], ["sr_q"], name="out_q"),
+                             helper.make_node("DequantizeLinear", ["sr_q", "o_s", "o_z"], ["sr"], name="out_dq")])
+
+    def around_depth_to_space(p):
+        d2s = next(n for n in p.graph.node if n.op_type == "DepthToSpace")
+        src = d2s.input[0]
+        p.graph.initializer.extend([numpy_helper.from_array(np.array(0.01, np.float16), "d_s"),
+                                    numpy_helper.from_array(np.array(0, np.int8), "d_z")])
+        at = list(p.graph.node).index(d2s)
+        p.graph.node.insert(at, helper.make_node("DequantizeLinear", ["d_q", "d_s", "d_z"], ["d_dq"], name="d_dq"))
+        p.graph.node.insert(at, helper.make_node("QuantizeLinear", [src, "d_s", "d_z"], ["d_q"], name="d_q"))
+        d2s.input[0] = "d_dq"
+
+    cases = {"zero point must be INT8 0, got int8 [3]": nonzero_zero_point,
+             "zero point must be INT8 0, got uint8": uint8_zero_point,
+             "per-channel axis is 1, must be 0": axis_one,
+             "dequantizes an INT32 tensor (bias)": int32_bias,
+             "quantizes a graph output": quantized_output,
+             "DepthToSpace node_pixel_shuffle": around_depth_to_space}
+    for expected, edit in cases.items():
+        errors = broken(edit)
+        assert any(expected in e for e in errors), (expected, errors)
+
+
+def test_sensitivity_keeps_the_layer_that_hurts_in_fp16(setup):
+    _, fp32, fp16, calib, amax = setup
+    hold = calib["holdout"]
+    lr, hr = calib["lr"][hold], calib["hr"][hold]
+    names = [n.name for n in export.conv_nodes(fp16)]
+    easy = quantize.choose_layers(fp32, fp16, amax, lr, hr, SCALE, max_drop_db=100.0, progress=False)
+    assert easy["reached"] and easy["fp16_layers"] == [] and easy["int8_layers"] == names
+    assert easy["drop_db"] == easy["all_int8_drop_db"] and len(easy["steps"]) == 1
+    assert sorted(r["rank"] for r in easy["layers"]) == list(range(1, len(names) + 1))
+
+    victim = next(n for n in export.conv_nodes(fp16) if n.name == "body.0.conv2")
+    crushed = {**amax, victim.input[0]: amax[victim.input[0]] / 200}  # clips nearly every activation
+    result = quantize.choose_layers(fp32, fp16, crushed, lr, hr, SCALE, max_drop_db=0.2, progress=False)
+    table = {r["layer"]: r for r in result["layers"]}
+    assert table["body.0.conv2"]["rank"] == 1 and table["body.0.conv2"]["cost_db"] > 0.4
+    assert result["all_int8_drop_db"] > 0.4
+    assert "body.0.conv2" in result["fp16_layers"] and result["reached"] and result["drop_db"] <= 0.2
+
+    impossible = quantize.choose_layers(fp32, fp16, amax, lr, hr, SCALE, max_drop_db=-1.0, progress=False)
+    assert not impossible["reached"] and len(impossible["int8_layers"]) == 1
+    assert [s["kept_float"] for s in impossible["steps"]][-1] == impossible["fp16_layers"]
