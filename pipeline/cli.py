@@ -28,6 +28,8 @@ EPILOG = {
     "export": "example: pipeline export --run-dir runs/tiny   (or --student my_student.pt)",
     "quantize": "example: pipeline quantize --set quant.method=entropy --set quant.max_drop_db=0.05\n"
                 "         pipeline quantize --calib runs/tiny/calib.npz   (reuse a saved calibration set)",
+    "build": "example: pipeline build --run-dir runs/tiny --set engine.profile=1080p   (on the GPU that will run it)",
+    "doctor": "example: pipeline doctor   (or --json)",
     "verify": "example: pipeline verify --run-dir runs/tiny   (on the target device: pipeline verify --require trt)",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
@@ -125,13 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--calib", type=Path, metavar="NPZ", help="reuse this calibration set instead of drawing one")
 
+    p = command("build", "build TensorRT plans (FP16, INT8) from the ONNX models on this GPU, with JSON sidecars")
+    _add_run_args(p)
+    p.add_argument("--precision", nargs="+", choices=["fp16", "int8"], default=["fp16", "int8"],
+                   help="which plans to build (default: both)")
+
+    p = command("doctor", "what this machine has (GPU, driver, CUDA, TensorRT, ONNX Runtime, nvcc) and what it enables")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+
     p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
     _add_run_args(p)
     p.add_argument("--require", action="append", default=[], metavar="BACKEND",
                    help="fail when this backend cannot run here (e.g. trt, onnxruntime-cuda; repeatable)")
 
     p = command("all", "every stage in order: teacher (unless --teacher is given), distill (facd), eval, export, "
-                       "quantize, verify")
+                       "quantize, build (where TensorRT runs), verify")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
     return parser
@@ -193,6 +203,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "eval":
         _eval(args, progress)
         return
+    if args.command == "doctor":
+        import json
+
+        from pipeline.doctor import doctor_report, format_doctor
+
+        report = doctor_report()
+        print(json.dumps(report, indent=2) if args.json else format_doctor(report))
+        return
     if args.command == "kernels":
         from kernels import KernelUnavailable, build_kernel
 
@@ -234,6 +252,8 @@ def _run(args: argparse.Namespace) -> None:
         if not (fp32.exists() and fp16.exists()):
             raise UserError(f"no exported models in {run.root}: run `pipeline export` first")
         stages.stage_quantize(cfg, run, fp32, fp16, calib=args.calib, force=args.force, progress=progress)
+    elif args.command == "build":
+        stages.stage_build(cfg, run, args.precision, force=args.force)
     elif args.command == "verify":
         stages.stage_verify(cfg, run, require=args.require, force=args.force, progress=progress)
     elif args.command == "all":

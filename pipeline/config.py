@@ -99,6 +99,20 @@ class VerifySection:
 
 
 @dataclass
+class EngineSection:
+    profile: Literal["720p", "1080p", "tile", "custom"] = "720p"  # LR sizes of a 720p/1080p output, a tile, or custom
+    min_lr: str = "64x64"  # WxH, the smallest LR input (720p, 1080p, custom); smaller ones are padded
+    opt_lr: str = ""  # WxH, the size TensorRT tunes for ("custom" only)
+    max_lr: str = ""  # WxH, the largest LR input ("custom" only); larger images are tiled
+    tile: int = 256  # LR tile side of the "tile" profile: min = opt = max
+    max_batch: int = 1  # images or tiles per call; the profile's batch range is 1..max_batch, tuned for max_batch
+    workspace_mb: int = 2048
+    opt_level: int = 3  # builder optimization level, 0..5
+    timing_cache: str = "~/.cache/facd-pipeline/trt-timing.cache"  # "" = none
+    version_compatible: bool = False  # later TensorRT versions run the plan too (possibly slower)
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     scale: int = 4
@@ -111,6 +125,7 @@ class Config:
     export: ExportSection = field(default_factory=ExportSection)
     quant: QuantSection = field(default_factory=QuantSection)
     verify: VerifySection = field(default_factory=VerifySection)
+    engine: EngineSection = field(default_factory=EngineSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,9 +251,29 @@ def _validate(cfg: Config) -> None:
                         f"({q.calib_count - 1}), got {q.calib_holdout}")
     if not 50 < q.percentile <= 100:
         raise UserError(f"config key 'quant.percentile' must be in (50, 100], got {q.percentile}")
+    validate_engine_section(cfg.engine)
     for key, sizes in {"export.parity_sizes": cfg.export.parity_sizes, "verify.latency_sizes": v.latency_sizes}.items():
         for text in sizes:
             parse_size(text, key)
+
+
+def validate_engine_section(sec: EngineSection) -> None:
+    """A UserError naming the first bad key of the `engine` section."""
+    parse_size(sec.min_lr, "engine.min_lr")
+    for key in ("opt_lr", "max_lr"):
+        value = getattr(sec, key)
+        if sec.profile == "custom" and not value:
+            raise UserError(f"config key 'engine.{key}' must be set when engine.profile is 'custom'")
+        if sec.profile != "custom" and value:
+            raise UserError(f"config key 'engine.{key}' is used only by engine.profile = 'custom' "
+                            f"(it is {sec.profile!r}); remove it or set the profile to 'custom'")
+        if value:
+            parse_size(value, f"engine.{key}")
+    for key in ("tile", "max_batch", "workspace_mb"):
+        if getattr(sec, key) <= 0:
+            raise UserError(f"config key 'engine.{key}' must be > 0, got {getattr(sec, key)}")
+    if not 0 <= sec.opt_level <= 5:
+        raise UserError(f"config key 'engine.opt_level' must be 0..5, got {sec.opt_level}")
 
 
 def parse_size(text: str, what: str = "size") -> tuple[int, int]:

@@ -132,7 +132,7 @@ def enables(report: dict[str, Any]) -> dict[str, str]:
     if trt.get("usable"):
         out["TensorRT engines"] = f"yes ({trt['detail']}) -> `pipeline build`, verify runs the plans"
     else:
-        why = (trt.get("detail") or trt.get("error", "")).removeprefix("skipped: ")
+        why = trt.get("detail") or trt.get("error", "")
         out["TensorRT engines"] = f"no ({why}) -> verify uses ONNX Runtime"
     providers = ort.get("providers") or []
     gpu_providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in providers]

@@ -1,7 +1,7 @@
 """TensorRT engines: `student.fp16.plan` / `student.int8.plan` built from the ONNX models on the device that runs them.
 
 One code path for TensorRT 10.x and 11.x: a strongly typed network (the precision comes from the ONNX tensor types),
-one optimization profile over the LR size (`EngineSection`, `profile_shapes`), a workspace limit, the builder
+one optimization profile over the LR size (config section `engine`, `profile_shapes`), a workspace limit, the builder
 optimization level, a persistent timing cache and optionally a version-compatible plan. After a build the engine's
 layer information must show the precision the plan is named for (`assert_engine_precision`); only then are the plan
 and its sidecar `<plan>.json` (TensorRT, GPU, CUDA, precision, profile, ONNX sha256) written, atomically.
@@ -19,17 +19,16 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from pipeline.config import EngineSection, parse_size
 from pipeline.errors import UserError
 from pipeline.rundir import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
 _NO_CUDA_PYTHON = "cuda-python is not installed (pip install cuda-python, matching the CUDA major version)"
-PROFILES = ("720p", "1080p", "tile", "custom")
 PRESET_OUTPUT_HW = {"720p": (720, 1280), "1080p": (1080, 1920)}
 # The data types an engine of each precision must show: the INT8 plan is INT8 convolutions with an FP16 rest.
 REQUIRED_DTYPES = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"int8", "fp16"}}
@@ -44,71 +43,21 @@ _DTYPE_WORDS = {
 }
 
 
-@dataclass
-class EngineSection:
-    profile: Literal["720p", "1080p", "tile", "custom"] = "720p"  # LR sizes of a 720p/1080p output, a tile, or custom
-    min_lr: str = "64x64"  # WxH, the smallest LR input (720p, 1080p, custom); smaller ones are padded
-    opt_lr: str = ""  # WxH, the size TensorRT tunes for ("custom" only)
-    max_lr: str = ""  # WxH, the largest LR input ("custom" only); larger images are tiled
-    tile: int = 256  # LR tile side of the "tile" profile: min = opt = max
-    max_batch: int = 1  # images or tiles per call; the profile's batch range is 1..max_batch, tuned for max_batch
-    workspace_mb: int = 2048
-    opt_level: int = 3  # builder optimization level, 0..5
-    timing_cache: str = "~/.cache/facd-pipeline/trt-timing.cache"  # "" = none
-    version_compatible: bool = False  # later TensorRT versions run the plan too (possibly slower)
-
-
-def _parse_wh(key: str, text: str) -> tuple[int, int]:
-    """'WxH' -> (h, w)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if m is None or int(m[1]) == 0 or int(m[2]) == 0:
-        raise UserError(f"config key 'engine.{key}' must be WIDTHxHEIGHT with positive sizes (e.g. 320x180), "
-                        f"got {text!r}")
-    return int(m[2]), int(m[1])
-
-
-def _wh(hw: tuple[int, int]) -> str:
-    return f"{hw[1]}x{hw[0]}"
-
-
-def validate_engine_section(sec: EngineSection) -> None:
-    """Raise a UserError naming the first bad key of the `engine` section."""
-    if sec.profile not in PROFILES:
-        raise UserError(f"config key 'engine.profile': {sec.profile!r} is not one of {list(PROFILES)}")
-    _parse_wh("min_lr", sec.min_lr)
-    for key in ("opt_lr", "max_lr"):
-        value = getattr(sec, key)
-        if sec.profile == "custom" and not value:
-            raise UserError(f"config key 'engine.{key}' must be set when engine.profile is 'custom'")
-        if sec.profile != "custom" and value:
-            raise UserError(f"config key 'engine.{key}' is used only by engine.profile = 'custom' "
-                            f"(it is {sec.profile!r}); remove it or set the profile to 'custom'")
-        if value:
-            _parse_wh(key, value)
-    for key in ("tile", "max_batch", "workspace_mb"):
-        if getattr(sec, key) <= 0:
-            raise UserError(f"config key 'engine.{key}' must be > 0, got {getattr(sec, key)}")
-    if not 0 <= sec.opt_level <= 5:
-        raise UserError(f"config key 'engine.opt_level' must be 0..5, got {sec.opt_level}")
-
-
 def profile_shapes(sec: EngineSection, scale: int) -> dict[str, tuple[int, int]]:
     """LR (h, w) of the profile's min, opt and max. 720p/1080p: opt = max = the LR size whose x`scale` output covers
     the frame (x4 720p -> 180x320, x3 720p -> 240x427), min = min_lr; tile: all three tile x tile."""
-    validate_engine_section(sec)
-    if scale < 1:
-        raise UserError(f"scale must be >= 1, got {scale}")
     if sec.profile == "tile":
         return {"min": (sec.tile, sec.tile), "opt": (sec.tile, sec.tile), "max": (sec.tile, sec.tile)}
-    low = _parse_wh("min_lr", sec.min_lr)
+    low = parse_size(sec.min_lr, "engine.min_lr")
     if sec.profile == "custom":
-        opt, high = _parse_wh("opt_lr", sec.opt_lr), _parse_wh("max_lr", sec.max_lr)
+        opt, high = parse_size(sec.opt_lr, "engine.opt_lr"), parse_size(sec.max_lr, "engine.max_lr")
     else:
         out_h, out_w = PRESET_OUTPUT_HW[sec.profile]
         opt = high = (math.ceil(out_h / scale), math.ceil(out_w / scale))
     if not all(low[i] <= opt[i] <= high[i] for i in (0, 1)):
         raise UserError(f"engine profile {sec.profile!r} at x{scale} needs min <= opt <= max in width and height, "
-                        f"got min {_wh(low)}, opt {_wh(opt)}, max {_wh(high)} (engine.min_lr/opt_lr/max_lr)")
+                        f"got min {low[1]}x{low[0]}, opt {opt[1]}x{opt[0]}, max {high[1]}x{high[0]} "
+                        "(engine.min_lr/opt_lr/max_lr)")
     return {"min": low, "opt": opt, "max": high}
 
 
@@ -276,13 +225,13 @@ def trt_status() -> tuple[bool, str]:
     try:
         import tensorrt as trt
     except ImportError:
-        return False, "skipped: tensorrt is not installed"
+        return False, "tensorrt is not installed"
     except Exception as e:  # noqa: BLE001 - a broken install fails with OSError, RuntimeError, ...
-        return False, f"skipped: tensorrt cannot be imported ({type(e).__name__}: {e})"
+        return False, f"tensorrt cannot be imported ({type(e).__name__}: {e})"
     try:
         import_cudart()
     except ImportError:
-        return False, f"skipped: {_NO_CUDA_PYTHON}"
+        return False, f"{_NO_CUDA_PYTHON}"
     ok, why = cuda_probe()
     if not ok:
         return False, why

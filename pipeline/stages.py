@@ -28,6 +28,7 @@ from pipeline.rundir import RunDir, atomic_path, sha256_file, write_json_atomic,
 from pipeline.score import format_table
 from pipeline.modelio import load_model
 from pipeline.distill import distill_student
+from pipeline.engine import trt_status
 from pipeline.train import train_teacher
 from pipeline.verify import ONNX
 
@@ -269,6 +270,23 @@ def stage_quantize(cfg: Config, run: RunDir, fp32: Path, fp16: Path, *, calib: P
     return run.path(INT8_ONNX)
 
 
+def stage_build(cfg: Config, run: RunDir, precisions: list[str] = ("fp16", "int8"), *,
+                force: bool = False) -> list[Path]:
+    """TensorRT plans (and their JSON sidecars) from the FP16 / INT8 ONNX models, on this device."""
+    from pipeline.engine import build_engines, sidecar_path
+
+    models = {p: run.path(ONNX[p]) for p in precisions}
+    missing = [str(m) for m in models.values() if not m.exists()]
+    if missing:
+        raise UserError(f"cannot build: missing {', '.join(missing)} (run `pipeline export` and `pipeline quantize`)")
+    plans = build_engines(models, run.root, cfg.engine, cfg.scale, force)
+    config = {"scale": cfg.scale, "engine": cfg.to_dict()["engine"]}
+    outputs = [name for plan in plans for name in (plan.name, sidecar_path(plan).name)]
+    run.record("build", run.stage_key("build", config, list(models.values())), config, list(models.values()), outputs)
+    log.info("build: %s", ", ".join(str(p) for p in plans))
+    return plans
+
+
 def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bool = False,
                  progress: bool = True) -> Path:
     """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
@@ -310,7 +328,7 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,
             progress: bool = True) -> None:
     """teacher (unless given) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
-    quantize -> verify (with its gates)."""
+    quantize -> build (where TensorRT runs) -> verify (with its gates)."""
     if teacher is None:
         teacher = stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
     else:
@@ -320,5 +338,10 @@ def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bo
         stage_eval(cfg, run, teacher, student, force=force, progress=progress)
         fp32, fp16 = stage_export(cfg, run, student, force=force)
         stage_quantize(cfg, run, fp32, fp16, force=force, progress=progress)
+        trt_ok, why = trt_status()
+        if trt_ok:
+            stage_build(cfg, run, force=force)
+        else:
+            log.info("build: skipped, no TensorRT engines on this machine (%s); verify runs ONNX Runtime", why)
         stage_verify(cfg, run, force=force, progress=progress)
         log.info("all stages done; results in %s", run.root)

@@ -29,6 +29,7 @@ from pipeline.metrics import rgb_to_y
 log = logging.getLogger("pipeline")
 
 ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
+PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
 ORT_DEVICES = ("cpu", "cuda", "tensorrt")
 CROP = 40  # LR side of the visual comparison crop
 
@@ -45,9 +46,11 @@ class Candidate:
 
 
 def candidates(run_root: Path, student: Any) -> list[Candidate]:
-    """The reference first, then ONNX Runtime on every provider for every precision."""
+    """The reference first, then ONNX Runtime on every provider for every precision, then the TensorRT plans."""
     from pipeline.backends.ort_runner import OrtRunner, provider_status
     from pipeline.backends.torch_runner import TorchRunner
+    from pipeline.backends.trt_runner import TrtRunner
+    from pipeline.engine import trt_status
 
     rows = [Candidate("pytorch", "fp32", "student.pt", lambda: TorchRunner(student))]
     for device in ORT_DEVICES:
@@ -56,6 +59,13 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
             path = run_root / name
             make = (lambda p=path, d=device: OrtRunner(p, d)) if ok else None
             rows.append(Candidate(f"onnxruntime-{device}", precision, name, make, reason))
+    ok, reason = trt_status()
+    for precision in ("fp16", "int8"):
+        plan = run_root / PLANS[precision]
+        if ok and not plan.exists():
+            reason = f"no {plan.name}: build it on this device with `pipeline build`"
+        make = (lambda p=plan: TrtRunner(p)) if ok and plan.exists() else None
+        rows.append(Candidate("tensorrt", precision, plan.name, make, reason))
     return rows
 
 
@@ -77,6 +87,7 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
     bicubic = mean_row(evaluate(BicubicRunner(s), pairs, s, progress))
     crops = [("LR (bicubic)", BicubicRunner(s).infer(first.lr)[crop_hr])]
     reference: list[np.ndarray] | None = None
+    ort_outputs: dict[str, list[np.ndarray]] = {}  # what TensorRT is compared with, per precision
     rows = []
     for cand in rows_to_run:
         row: dict[str, Any] = {"backend": cand.backend, "precision": cand.precision, "model": cand.model,
@@ -86,25 +97,35 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
         rows.append(row)
         if cand.make is None:
             continue
-        runner = cand.make()
-        with PeakRss() as rss, runner:
-            outputs: list[np.ndarray] = []
-            per_image = evaluate(runner, pairs, s, progress, outputs)
-            row["throughput"] = [_latency(runner, size, cfg.verify.warmup, cfg.verify.repeats)
-                                 for size in cfg.verify.latency_sizes]
+        try:
+            runner = cand.make()
+            with PeakRss() as rss, runner:
+                outputs: list[np.ndarray] = []
+                per_image = evaluate(runner, pairs, s, progress, outputs)
+                row["throughput"] = [_latency(runner, size, cfg.verify.warmup, cfg.verify.repeats)
+                                     for size in cfg.verify.latency_sizes if _fits(runner, size)]
+        except UserError as e:  # e.g. a plan built for another GPU: the artifact is there but cannot serve
+            row["status"], row["reason"] = "fail", str(e)
+            continue
         for t in row["throughput"]:
             t["peak_mem_mb"] = rss.peak_mb
+        if cand.backend == "onnxruntime-cpu":
+            ort_outputs[cand.precision] = outputs
+        if cand.backend == "tensorrt" and cand.precision in ort_outputs:
+            row["psnr_vs_onnxruntime"] = _pooled_psnr_y(outputs, ort_outputs[cand.precision])
         if reference is None:
             reference = outputs
         mean = mean_row(per_image)
         row.update(psnr_y=mean["psnr_y"], ssim_y=mean["ssim_y"], per_image=per_image,
                    psnr_vs_reference=_pooled_psnr_y(outputs, reference))
-        row["latency_ms_p50"], row["latency_ms_p95"] = row["throughput"][-1]["p50_ms"], row["throughput"][-1]["p95_ms"]
+        if row["throughput"]:
+            row["latency_ms_p50"], row["latency_ms_p95"] = (row["throughput"][-1]["p50_ms"],
+                                                            row["throughput"][-1]["p95_ms"])
         crops.append((f"{cand.backend} {cand.precision}", outputs[0][crop_hr]))
     crops.append(("HR", first.hr[crop_hr]))
     ref_psnr = rows[0]["psnr_y"]
     for row in rows:
-        if row["psnr_y"] is None:
+        if row["psnr_y"] is None or row["status"] == "fail":
             continue
         row["delta_db"] = row["psnr_y"] - ref_psnr
         ok = abs(row["delta_db"]) <= row["gate_db"]
@@ -136,9 +157,24 @@ def _pooled_psnr_y(outputs: list[np.ndarray], reference: list[np.ndarray]) -> fl
     return math.inf if se == 0 else 10 * math.log10(255.0**2 / (se / n))
 
 
+def _fits(runner: Runner, size: str) -> bool:
+    """Whether one call takes an LR image of `size` (a TensorRT profile has a maximum; the report says so)."""
+    h, w = parse_size(size)
+    limit = runner.max_lr_hw
+    if limit is not None and (h > limit[0] or w > limit[1]):
+        log.info("verify: %s: no latency at %s, above its profile maximum %dx%d", runner.name, size, limit[1], limit[0])
+        return False
+    return True
+
+
 def _latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
     h, w = parse_size(size)
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    if hasattr(runner, "measure_latency"):  # TensorRT: the engine alone (CUDA events) and with the copies
+        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
+        p50, p95 = float(np.percentile(ms["end_to_end_ms"], 50)), float(np.percentile(ms["end_to_end_ms"], 95))
+        return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50, "peak_mem_mb": None,
+                "gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
     for _ in range(warmup):
         runner.forward(x)
     times = []

@@ -87,7 +87,7 @@ def _report(trt_usable, torch_cuda, nvcc_version, providers=("CPUExecutionProvid
         "cpu": {"model": "cpu", "cores": 8, "flags": list(flags)},
         "tensorrt": {"version": "10.3.0" if trt_usable else None, "usable": trt_usable,
                      "detail": "TensorRT 10.3.0 on Orin (compute capability 8.7)" if trt_usable
-                     else "skipped: tensorrt is not installed"},
+                     else "tensorrt is not installed"},
         "onnxruntime": {"version": "1.32.0", "providers": list(providers)},
         "torch": {"version": "2.13.0", "cuda": torch_cuda, "device": "Orin" if torch_cuda else None},
         "nvcc": {"version": nvcc_version, "path": "/usr/local/cuda/bin/nvcc"} if nvcc_version

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline.backends.trt_runner import TrtRunner
+from pipeline.config import EngineSection, load_config, validate_engine_section
 from pipeline.engine import (
-    EngineSection,
     assert_engine_precision,
     build_engines,
     cuda_probe,
@@ -25,7 +25,6 @@ from pipeline.engine import (
     read_sidecar,
     sidecar_path,
     trt_status,
-    validate_engine_section,
 )
 from pipeline.errors import UserError
 
@@ -75,7 +74,7 @@ def test_custom_profile_reads_width_x_height():
 ])
 def test_bad_engine_values_name_the_key(changes, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        validate_engine_section(EngineSection(**changes))
+        load_config(overrides=[f"engine.{k}={json.dumps(v)}" for k, v in changes.items()])
 
 
 @pytest.mark.parametrize("sec", [
@@ -256,7 +255,7 @@ def test_importing_engine_modules_loads_neither_tensorrt_nor_cuda_python():
 
 def test_trt_status_reports_a_missing_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    assert trt_status() == (False, "skipped: tensorrt is not installed")
+    assert trt_status() == (False, "tensorrt is not installed")
 
 
 def test_cuda_probe_reports_a_missing_cuda_python(monkeypatch):
@@ -267,14 +266,14 @@ def test_cuda_probe_reports_a_missing_cuda_python(monkeypatch):
 
 @no_tensorrt_installed
 def test_trt_status_here_is_false_with_a_reason():
-    assert trt_status() == (False, "skipped: tensorrt is not installed")
+    assert trt_status() == (False, "tensorrt is not installed")
 
 
 @no_tensorrt_installed
 def test_build_and_run_need_tensorrt(tmp_path):
     onnx_path = tmp_path / "student.fp16.onnx"
     onnx_path.write_bytes(b"model")
-    with pytest.raises(UserError, match="cannot build TensorRT engines here: skipped: tensorrt is not installed"):
+    with pytest.raises(UserError, match="cannot build TensorRT engines here: tensorrt is not installed"):
         build_engines({"fp16": onnx_path}, tmp_path, EngineSection(), 4)
     plan = tmp_path / "student.fp16.plan"
     plan.write_bytes(b"plan")
@@ -283,9 +282,7 @@ def test_build_and_run_need_tensorrt(tmp_path):
         TrtRunner(plan).activate()
 
 
-def test_build_checks_config_and_precision_before_tensorrt(tmp_path):
-    with pytest.raises(UserError, match="engine.workspace_mb"):
-        build_engines({"fp16": tmp_path / "m.onnx"}, tmp_path, EngineSection(workspace_mb=0), 4)
+def test_build_checks_the_precision_before_tensorrt(tmp_path):
     with pytest.raises(UserError, match="unknown engine precision bf16"):
         build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
 

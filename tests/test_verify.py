@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from models import create_model, save_checkpoint
 from pipeline.cli import main
+from pipeline.engine import trt_status
 from pipeline.quantize import check_qdq
 from pipeline.rundir import sha256_file
 
@@ -135,3 +136,19 @@ def test_bad_inputs_end_in_one_message_and_overwrite_nothing(run, tmp_path, caps
     assert main(["-q", "verify", "--run-dir", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "student.fp32.onnx (made by `pipeline export`)" in err and "student.int8.onnx" in err
+
+
+def test_tensorrt_rows_say_why_they_are_skipped_and_require_trt_fails(run, tmp_path, capsys):
+    ok, why = trt_status()
+    if ok:
+        pytest.skip("TensorRT runs here: its rows are real")
+    report = json.loads((run / "report.json").read_text())
+    rows = [r for r in report["rows"] if r["backend"] == "tensorrt"]
+    assert [(r["precision"], r["model"], r["status"], r["reason"]) for r in rows] == [
+        ("fp16", "student.fp16.plan", "skipped", why), ("int8", "student.int8.plan", "skipped", why)]
+    copy = _copy(run, tmp_path)
+    assert main(["-q", "verify", "--run-dir", str(copy), *FAST, "--require", "trt"]) == 1
+    err = capsys.readouterr().err
+    assert "tensorrt fp16 (student.fp16.plan): required but skipped" in err and "tensorrt int8" in err
+    assert main(["-q", "build", "--run-dir", str(copy)]) == 2
+    assert f"cannot build TensorRT engines here: {why}" in capsys.readouterr().err
