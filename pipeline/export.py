@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.backends.ort_runner import FORMAT
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
 
 INPUT, OUTPUT = "lr", "sr"
-FORMAT = "facd-pipeline-onnx/1"  # metadata_props["format"] of every model we write
 
 
 def export_fp32(model: Any, out: Path, meta: dict[str, str], simplify: bool = True) -> dict[str, Any]:
@@ -137,22 +137,6 @@ def model_meta(model: Any, checkpoint_sha256: str, config_hash: str) -> dict[str
     return {"scale": str(model.scale), "value_range": "0,1", "colour_order": "RGB", "layout": "NCHW",
             "model_config": json.dumps(model.config, sort_keys=True), "source_checkpoint_sha256": checkpoint_sha256,
             "config_hash": config_hash}
-
-
-def read_meta(path: Path) -> dict[str, str]:
-    """Our metadata of an ONNX file (without loading its weights); a file that is not ours is a UserError."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - protobuf's decode errors have no common public type
-        raise UserError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    missing = [k for k in ("format", "scale", "precision", "source_checkpoint_sha256") if k not in meta]
-    if meta.get("format") != FORMAT or missing:
-        raise UserError(f"{path} was not written by `pipeline export` (metadata {', '.join(missing) or 'format'} "
-                        "missing or different); export the student with `pipeline export`")
-    return meta
 
 
 def save(proto: onnx.ModelProto, out: Path) -> None:

@@ -292,7 +292,7 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
     when a gate fails (after the report is written) or a backend in `require` could not run."""
     from pipeline import verify
-    from pipeline.export import read_meta
+    from pipeline.backends.ort_runner import read_meta
     from pipeline.report import REPORT_FILES, format_rows, write_report
 
     needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from models import create_model
 from pipeline import export
+from pipeline.backends.ort_runner import read_meta
 from pipeline.errors import UserError
 
 
@@ -47,11 +48,11 @@ def test_interface_metadata_and_names(exported, student):
     assert [i.name for i in proto.graph.input] == ["lr"] and [o.name for o in proto.graph.output] == ["sr"]
     n, c, h, w = _dims(proto.graph.input[0])
     assert c == 3 and all(isinstance(d, str) for d in (n, h, w))  # still symbolic after onnxsim
-    meta = export.read_meta(fp32)
+    meta = read_meta(fp32)
     assert meta["scale"] == "3" and meta["precision"] == "fp32" and meta["colour_order"] == "RGB"
     assert meta["value_range"] == "0,1" and meta["source_checkpoint_sha256"] == "c" * 64
     assert meta["config_hash"] == "d" * 64 and not any(k.startswith("onnxsim") for k in meta)
-    assert export.read_meta(fp16)["precision"] == "fp16"
+    assert read_meta(fp16)["precision"] == "fp16"
     convs = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert [n.name for n in export.conv_nodes(proto)] == convs
     assert any(n.op_type == "DepthToSpace" for n in proto.graph.node)
@@ -125,9 +126,9 @@ def test_foreign_and_broken_onnx_files_are_refused(tmp_path):
                               [value("sr", TensorProto.FLOAT, [1, 3, 4, 4])])
     onnx.save(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
     with pytest.raises(UserError, match="not written by `pipeline export`"):
-        export.read_meta(tmp_path / "foreign.onnx")
+        read_meta(tmp_path / "foreign.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a protobuf" * 10)
     with pytest.raises(UserError, match="not an ONNX model"):
-        export.read_meta(tmp_path / "junk.onnx")
+        read_meta(tmp_path / "junk.onnx")
     with pytest.raises(UserError, match="does not exist"):
-        export.read_meta(tmp_path / "missing.onnx")
+        read_meta(tmp_path / "missing.onnx")

@@ -10,6 +10,7 @@ import numpy as np
 from pipeline.backends.base import Runner
 from pipeline.errors import UserError
 
+FORMAT = "facd-pipeline-onnx/1"  # metadata_props["format"] of every model `pipeline export` writes
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -26,12 +27,33 @@ def provider_status(device: str) -> tuple[bool, str]:
     return False, f"onnxruntime {ort.__version__} here has no {PROVIDERS[device]}{hint}"
 
 
+def read_meta(path: Path) -> dict[str, str]:
+    """Our metadata of an ONNX file; a file that is not ours is a UserError. Reads it with ONNX Runtime, so the
+    torch-free edge runtime needs no `onnx` package."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own Fail / InvalidProtobuf / ... types
+        raise UserError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in ("format", "scale", "precision", "source_checkpoint_sha256") if k not in meta]
+    if meta.get("format") != FORMAT or missing:
+        raise UserError(f"{path} was not written by `pipeline export` (metadata {', '.join(missing) or 'format'} "
+                        "missing or different); export the student with `pipeline export`")
+    return meta
+
+
 class OrtRunner(Runner):
     """One InferenceSession, created in `activate` and dropped in `deactivate` (a session can hold GBs)."""
 
     def __init__(self, model: Path, device: str = "cpu", threads: int = 0, **tiling: Any):
-        from pipeline.export import read_meta
-
         self.meta = read_meta(model)
         super().__init__(int(self.meta["scale"]), **tiling)
         ok, reason = provider_status(device)
