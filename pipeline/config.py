@@ -6,7 +6,6 @@ Every key is a dataclass field; an unknown key or a value of the wrong type is a
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +201,8 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
 
 def _parse_override(text: str) -> dict[str, Any]:
     """`a.b=value` -> {"a": {"b": value}}; the value is read as TOML, else taken as a plain string."""
+    import tomllib  # here, not at the top: the edge runtime imports this module on Python 3.10 (JetPack 6)
+
     if "=" not in text:
         raise UserError(f"--set expects KEY=VALUE, got {text!r}")
     key, raw = (s.strip() for s in text.split("=", 1))
@@ -290,6 +291,8 @@ def parse_size(text: str, what: str = "size") -> tuple[int, int]:
 def load_config(preset: str = "tiny", file: str | Path | None = None, overrides: list[str] = ()) -> Config:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    import tomllib
+
     cfg = Config()
     _merge(cfg, PRESETS[preset])
     if file is not None:
