@@ -153,6 +153,8 @@ def _setup_logging(quiet: bool, run_dir: Path | None = None) -> None:
     Calling it again replaces the handlers of the previous call.
     """
     log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers:  # libraries that log through the root logger (ONNX Runtime's quantizer's
+        logging.getLogger().addHandler(logging.NullHandler())  # advice) would otherwise install a console handler
     for old in [h for h in log.handlers if getattr(h, "from_cli", False)]:
         log.removeHandler(old)
         old.close()

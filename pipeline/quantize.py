@@ -13,13 +13,13 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from pipeline.data.datasets import PairFolder
@@ -216,18 +216,19 @@ def holdout_psnr(model: onnx.ModelProto | Path, lr: np.ndarray, hr: np.ndarray, 
     return float(np.mean([psnr_y(to_uint8(o.transpose(1, 2, 0)), h, scale) for o, h in zip(outs, hr)]))
 
 
-def choose_layers(fp32: Path, fp16: onnx.ModelProto, amax: dict[str, float], lr: np.ndarray, hr: np.ndarray,
-                  scale: int, max_drop_db: float, progress: bool = True) -> dict[str, Any]:
-    """Quantize each Conv alone and measure its PSNR cost on the held-out crops; then, from the fully quantized
-    model, keep the most sensitive Convs in FP16, one at a time, until the drop against FP32 is at most
-    `max_drop_db` (or only one INT8 Conv is left: then `reached` is False and the verify gate decides)."""
-    names = [n.name for n in conv_nodes(fp16)]
+def choose_layers(names: list[str], quantized: Callable[[set[str]], onnx.ModelProto], fp32: Path, lr: np.ndarray,
+                  hr: np.ndarray, scale: int, max_drop_db: float, progress: bool = True,
+                  label: str = "") -> dict[str, Any]:
+    """Quantize each Conv of `names` alone (`quantized(layers)` gives the model with those Convs INT8) and measure
+    its PSNR cost on the held-out crops; then, from the fully quantized model, keep the most sensitive Convs in float,
+    one at a time, until the drop against FP32 is at most `max_drop_db` (or only one INT8 Conv is left: then
+    `reached` is False and the verify gate decides)."""
     fp32_psnr = holdout_psnr(fp32, lr, hr, scale)
 
     def drop(layers: Iterable[str]) -> float:
-        return fp32_psnr - holdout_psnr(quantize(fp16, amax, set(layers)), lr, hr, scale)
+        return fp32_psnr - holdout_psnr(quantized(set(layers)), lr, hr, scale)
 
-    cost = {name: drop([name]) for name in tqdm(names, desc="per-layer sensitivity", unit="conv",
+    cost = {name: drop([name]) for name in tqdm(names, desc=f"per-layer sensitivity{label}", unit="conv",
                                                  disable=not progress, leave=False)}
     order = sorted(names, key=lambda n: cost[n], reverse=True)
     kept: list[str] = []
@@ -236,23 +237,58 @@ def choose_layers(fp32: Path, fp16: onnx.ModelProto, amax: dict[str, float], lr:
         kept.append(order[len(kept)])
         steps.append({"kept_float": list(kept), "drop_db": drop(n for n in names if n not in kept)})
     final = steps[-1]["drop_db"]
-    table = [{"layer": n, "input": next(c.input[0] for c in conv_nodes(fp16) if c.name == n), "cost_db": cost[n],
-              "rank": order.index(n) + 1, "precision": "fp16" if n in kept else "int8"} for n in names]
+    table = [{"layer": n, "cost_db": cost[n], "rank": order.index(n) + 1,
+              "precision": "float" if n in kept else "int8"} for n in names]
     return {"fp32_psnr_y": fp32_psnr, "all_int8_drop_db": steps[0]["drop_db"], "drop_db": final,
-            "max_drop_db": max_drop_db, "reached": final <= max_drop_db, "int8_layers": [n for n in names if n not in kept],
-            "fp16_layers": kept, "steps": steps, "layers": table}
+            "max_drop_db": max_drop_db, "reached": final <= max_drop_db,
+            "int8_layers": [n for n in names if n not in kept], "float_layers": kept, "steps": steps, "layers": table}
 
 
-def format_table(result: dict[str, Any]) -> str:
-    lines = [f"INT8 sensitivity on {result['holdout']} held-out crops: FP32 {result['fp32_psnr_y']:.3f} dB Y-PSNR; "
+def format_table(result: dict[str, Any], title: str, float_name: str) -> str:
+    lines = [f"{title}: on {result['holdout']} held-out crops, FP32 {result['fp32_psnr_y']:.3f} dB Y-PSNR; "
              f"all Convs INT8: -{result['all_int8_drop_db']:.3f} dB; chosen: -{result['drop_db']:.3f} dB "
              f"(target {result['max_drop_db']} dB: {'reached' if result['reached'] else 'NOT reached'}), "
-             f"{len(result['fp16_layers'])} Conv(s) kept in FP16.", "",
+             f"{len(result['float_layers'])} Conv(s) kept in {float_name}.", "",
              "| layer | cost alone (dB) | rank | precision |", "|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['cost_db']:.4f} | {r['rank']} | {r['precision']} |" for r in result["layers"]]
+    lines += [f"| {r['layer']} | {r['cost_db']:.4f} | {r['rank']} | "
+              f"{float_name if r['precision'] == 'float' else 'INT8'} |" for r in result["layers"]]
     return "\n".join(lines) + "\n"
 
 
-def tensor_types(proto: onnx.ModelProto) -> set[str]:
-    """Element types of the initializers (for tests and the build's precision check)."""
-    return {TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer}
+# --- the CPU twin ---------------------------------------------------------------------------------------------------
+
+def cpu_twin_quantizer(fp32: Path, lr: np.ndarray, method: str, percentile: float,
+                       workdir: Path) -> Callable[[set[str]], onnx.ModelProto]:
+    """`quantized(layers)` for the CPU model `student.int8-cpu.onnx`: ONNX Runtime's own QDQ recipe with unsigned
+    asymmetric per-tensor activations and signed symmetric per-channel weights (U8S8, whose Convs ONNX Runtime's CPU
+    provider fuses into integer kernels), the rest FP32. Calibrated once on `lr`; the ranges are cached in `workdir`."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({INPUT: b} for b in _batches(lr, 1))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    names = [n.name for n in conv_nodes(onnx.load(str(fp32)))]
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+
+    def quantized(layers: set[str]) -> onnx.ModelProto:
+        out = workdir / "int8-cpu.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=[n for n in names if n not in layers],
+                            calibrate_method=methods[method], calibration_cache_path=workdir / "ranges.json",
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibPercentile": percentile, "CalibNumBins": 2048})
+        proto = onnx.load(str(out))
+        for p in proto.metadata_props:
+            if p.key == "precision":
+                p.value = "int8-cpu"
+        return proto
+
+    return quantized

@@ -84,10 +84,11 @@ class RunDir:
         payload = {"stage": stage, "config": config, "inputs": {str(p): sha256_file(p) for p in inputs}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def is_current(self, stage: str, key: str) -> bool:
+    def is_current(self, stage: str, key: str, outputs: list[str] | None = None) -> bool:
+        """Same key, every recorded output unchanged, and (when given) the recorded outputs are `outputs`."""
         manifest = self._load()
         entry = manifest["stages"].get(stage)
-        if entry is None or entry["key"] != key:
+        if entry is None or entry["key"] != key or (outputs is not None and set(entry["outputs"]) != set(outputs)):
             return False
         for name in entry["outputs"]:
             path, art = self.path(name), manifest["artifacts"].get(name)

@@ -37,7 +37,7 @@ log = logging.getLogger("pipeline")
 TEACHER, STUDENT = "teacher.pt", "student.pt"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
-FP32_ONNX, FP16_ONNX, INT8_ONNX = ONNX["fp32"], ONNX["fp16"], ONNX["int8"]
+FP32_ONNX, FP16_ONNX, INT8_ONNX, INT8_CPU_ONNX = ONNX["fp32"], ONNX["fp16"], ONNX["int8"], ONNX["int8-cpu"]
 EXPORT_JSON, CALIB, QUANT_JSON, QUANT_MD = "export.json", "calib.npz", "quant.json", "quant.md"
 REPORT_JSON = "report.json"
 
@@ -188,7 +188,7 @@ def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False
     config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "export": c["export"]}
     key = run.stage_key("export", config, [student])
     outputs = [FP32_ONNX, FP16_ONNX, EXPORT_JSON]
-    if not force and run.is_current("export", key):
+    if not force and run.is_current("export", key, outputs):
         log.info("export: up to date, skipping (%s, %s)", run.path(FP32_ONNX), run.path(FP16_ONNX))
         return run.path(FP32_ONNX), run.path(FP16_ONNX)
     model = load_model(student, cfg.scale)
@@ -228,17 +228,19 @@ def _config_hash(config: dict[str, Any]) -> str:
 
 def stage_quantize(cfg: Config, run: RunDir, fp32: Path, fp16: Path, *, calib: Path | None = None,
                    force: bool = False, progress: bool = True) -> Path:
-    """`student.int8.onnx` from our calibration on real LR crops (`calib.npz`, or the one given), with the
-    per-layer sensitivity table in `quant.json` / `quant.md`."""
+    """Two INT8 models from our calibration on real LR crops (`calib.npz`, or the one given), each with its own
+    per-layer sensitivity choice (tables in `quant.json` / `quant.md`): `student.int8.onnx` for TensorRT (S8S8
+    symmetric, FP16 rest, the QDQ rules checked) and `student.int8-cpu.onnx` for ONNX Runtime on CPUs (U8S8, FP32
+    rest)."""
     from pipeline import export, quantize
 
     q = cfg.quant
     config = {"scale": cfg.scale, "data.train": cfg.data.train, "quant": cfg.to_dict()["quant"]}
     inputs = [fp32, fp16] + ([calib] if calib else [])
     key = run.stage_key("quantize", config, inputs)
-    outputs = [INT8_ONNX, CALIB, QUANT_JSON, QUANT_MD]
-    if not force and run.is_current("quantize", key):
-        log.info("quantize: up to date, skipping (%s)", run.path(INT8_ONNX))
+    outputs = [INT8_ONNX, INT8_CPU_ONNX, CALIB, QUANT_JSON, QUANT_MD]
+    if not force and run.is_current("quantize", key, outputs):
+        log.info("quantize: up to date, skipping (%s, %s)", run.path(INT8_ONNX), run.path(INT8_CPU_ONNX))
         return run.path(INT8_ONNX)
     if calib is None:
         data = quantize.calibration_set(cfg.data.train, cfg.scale, q.calib_count, q.calib_crop, q.calib_holdout,
@@ -246,27 +248,43 @@ def stage_quantize(cfg: Config, run: RunDir, fp32: Path, fp16: Path, *, calib: P
     else:
         data = quantize.load_calibration(calib, q.calib_count, q.calib_crop, cfg.scale)
     hold = data["holdout"]
-    amax = quantize.activation_amax(fp32, data["lr"][~hold], q.method, q.percentile)
+    calib_lr, hold_lr, hold_hr = data["lr"][~hold], data["lr"][hold], data["hr"][hold]
     fp16_proto = onnx.load(str(fp16))
-    result = quantize.choose_layers(fp32, fp16_proto, amax, data["lr"][hold], data["hr"][hold], cfg.scale,
-                                    q.max_drop_db, progress)
-    result.update(method=q.method, calibration=int((~hold).sum()), holdout=int(hold.sum()), act_amax=amax)
-    proto = quantize.quantize(fp16_proto, amax, result["int8_layers"])
-    broken = quantize.check_qdq(proto)
+    names = [n.name for n in export.conv_nodes(fp16_proto)]
+    amax = quantize.activation_amax(fp32, calib_lr, q.method, q.percentile)
+    trt = quantize.choose_layers(names, lambda layers: quantize.quantize(fp16_proto, amax, layers), fp32, hold_lr,
+                                 hold_hr, cfg.scale, q.max_drop_db, progress, " (TensorRT model)")
+    trt_proto = quantize.quantize(fp16_proto, amax, trt["int8_layers"])
+    broken = quantize.check_qdq(trt_proto)
     if broken:
-        raise RuntimeError("the INT8 model breaks the TensorRT QDQ rules:\n" + "\n".join(broken))
-    export.save(proto, run.path(INT8_ONNX))
+        raise RuntimeError(f"{INT8_ONNX} breaks the TensorRT QDQ rules:\n" + "\n".join(broken))
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = quantize.cpu_twin_quantizer(fp32, calib_lr, q.method, q.percentile, Path(tmp))
+        cpu = quantize.choose_layers(names, twin, fp32, hold_lr, hold_hr, cfg.scale, q.max_drop_db, progress,
+                                     " (CPU model)")
+        cpu_proto = twin(set(cpu["int8_layers"]))
+    export.save(trt_proto, run.path(INT8_ONNX))
+    export.save(cpu_proto, run.path(INT8_CPU_ONNX))
     if calib is None or calib.resolve() != run.path(CALIB).resolve():
-        with atomic_path(run.path(CALIB)) as tmp, open(tmp, "wb") as f:
+        with atomic_path(run.path(CALIB)) as tmp_calib, open(tmp_calib, "wb") as f:
             np.savez(f, **data)
+    counts = {"method": q.method, "calibration": len(calib_lr), "holdout": len(hold_lr)}
+    result = {**counts, "tensorrt": {**counts, **trt, "model": INT8_ONNX, "act_amax": amax,
+                                     "qdq_rules": "checked (TensorRT model only)"},
+              "cpu": {**counts, **cpu, "model": INT8_CPU_ONNX}}
     write_json_atomic(run.path(QUANT_JSON), result)
-    write_text_atomic(run.path(QUANT_MD), quantize.format_table(result))
+    write_text_atomic(run.path(QUANT_MD), "\n".join([
+        quantize.format_table(result["tensorrt"], f"{INT8_ONNX} (TensorRT: S8S8 symmetric, FP16 rest, QDQ rules "
+                                                  "checked)", "FP16"),
+        quantize.format_table(result["cpu"], f"{INT8_CPU_ONNX} (ONNX Runtime on CPUs: U8S8, FP32 rest; not for "
+                                             "TensorRT, the QDQ rules do not apply)", "FP32")]))
     run.record("quantize", key, config, inputs, outputs)
-    (log.info if result["reached"] else log.warning)(
-        "quantize: %s: %d of %d Convs INT8, %.3f dB below FP32 on %d held-out crops (all INT8: %.3f dB; "
-        "target %.3f dB%s); table in %s", run.path(INT8_ONNX), len(result["int8_layers"]),
-        len(result["layers"]), result["drop_db"], result["holdout"], result["all_int8_drop_db"], q.max_drop_db,
-        "" if result["reached"] else ", NOT reached", run.path(QUANT_MD))
+    for name, r in ((INT8_ONNX, trt), (INT8_CPU_ONNX, cpu)):
+        (log.info if r["reached"] else log.warning)(
+            "quantize: %s: %d of %d Convs INT8, %.3f dB below FP32 on %d held-out crops (all INT8: %.3f dB; "
+            "target %.3f dB%s)", run.path(name), len(r["int8_layers"]), len(names), r["drop_db"], len(hold_lr),
+            r["all_int8_drop_db"], q.max_drop_db, "" if r["reached"] else ", NOT reached")
+    log.info("quantize: per-layer tables in %s", run.path(QUANT_MD))
     return run.path(INT8_ONNX)
 
 
@@ -296,14 +314,14 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     from pipeline.report import REPORT_FILES, format_rows, write_report
 
     needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",
-              INT8_ONNX: "pipeline quantize"}
+              INT8_ONNX: "pipeline quantize", INT8_CPU_ONNX: "pipeline quantize"}
     missing = [f"{name} (made by `{cmd}`)" for name, cmd in needed.items() if not run.path(name).exists()]
     if missing:
         raise UserError(f"cannot verify {run.root}: missing {', '.join(missing)}")
-    for name in (FP32_ONNX, FP16_ONNX, INT8_ONNX):
+    for precision, name in ONNX.items():
         meta = read_meta(run.path(name))
-        if meta["precision"] != name.split(".")[1]:
-            raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {name.split('.')[1]}")
+        if meta["precision"] != precision:
+            raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {precision}")
     inputs = [run.path(n) for n in needed]
     config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "verify": cfg.to_dict()["verify"],
               "require": sorted(require), "machine": verify.machine()}

@@ -28,7 +28,8 @@ from pipeline.metrics import rgb_to_y
 
 log = logging.getLogger("pipeline")
 
-ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
+ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx",
+        "int8-cpu": "student.int8-cpu.onnx"}  # int8: the TensorRT model; int8-cpu: its U8S8 twin for CPUs
 PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
 ORT_DEVICES = ("cpu", "cuda", "tensorrt")
 CROP = 40  # LR side of the visual comparison crop
@@ -56,6 +57,8 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
     for device in ORT_DEVICES:
         ok, reason = provider_status(device)
         for precision, name in ONNX.items():
+            if precision == "int8-cpu" and device != "cpu":
+                continue
             path = run_root / name
             make = (lambda p=path, d=device: OrtRunner(p, d)) if ok else None
             rows.append(Candidate(f"onnxruntime-{device}", precision, name, make, reason))
@@ -70,7 +73,8 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
 
 
 def gate_for(cfg: Config, precision: str) -> float:
-    return {"fp32": cfg.verify.gate_fp32_db, "fp16": cfg.verify.gate_fp16_db, "int8": cfg.verify.gate_int8_db}[precision]
+    v = cfg.verify
+    return {"fp32": v.gate_fp32_db, "fp16": v.gate_fp16_db, "int8": v.gate_int8_db, "int8-cpu": v.gate_int8_db}[precision]
 
 
 def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),

@@ -194,19 +194,53 @@ def test_sensitivity_keeps_the_layer_that_hurts_in_fp16(setup):
     hold = calib["holdout"]
     lr, hr = calib["lr"][hold], calib["hr"][hold]
     names = [n.name for n in export.conv_nodes(fp16)]
-    easy = quantize.choose_layers(fp32, fp16, amax, lr, hr, SCALE, max_drop_db=100.0, progress=False)
-    assert easy["reached"] and easy["fp16_layers"] == [] and easy["int8_layers"] == names
+
+    def choose(ranges: dict[str, float], max_drop_db: float) -> dict:
+        return quantize.choose_layers(names, lambda layers: quantize.quantize(fp16, ranges, layers), fp32, lr, hr,
+                                      SCALE, max_drop_db, progress=False)
+
+    easy = choose(amax, 100.0)
+    assert easy["reached"] and easy["float_layers"] == [] and easy["int8_layers"] == names
     assert easy["drop_db"] == easy["all_int8_drop_db"] and len(easy["steps"]) == 1
     assert sorted(r["rank"] for r in easy["layers"]) == list(range(1, len(names) + 1))
 
     victim = next(n for n in export.conv_nodes(fp16) if n.name == "body.0.conv2")
     crushed = {**amax, victim.input[0]: amax[victim.input[0]] / 200}  # clips nearly every activation
-    result = quantize.choose_layers(fp32, fp16, crushed, lr, hr, SCALE, max_drop_db=0.2, progress=False)
+    result = choose(crushed, 0.2)
     table = {r["layer"]: r for r in result["layers"]}
     assert table["body.0.conv2"]["rank"] == 1 and table["body.0.conv2"]["cost_db"] > 0.4
     assert result["all_int8_drop_db"] > 0.4
-    assert "body.0.conv2" in result["fp16_layers"] and result["reached"] and result["drop_db"] <= 0.2
+    assert "body.0.conv2" in result["float_layers"] and result["reached"] and result["drop_db"] <= 0.2
 
-    impossible = quantize.choose_layers(fp32, fp16, amax, lr, hr, SCALE, max_drop_db=-1.0, progress=False)
+    impossible = choose(amax, -1.0)
     assert not impossible["reached"] and len(impossible["int8_layers"]) == 1
-    assert [s["kept_float"] for s in impossible["steps"]][-1] == impossible["fp16_layers"]
+    assert [s["kept_float"] for s in impossible["steps"]][-1] == impossible["float_layers"]
+
+
+def test_cpu_twin_is_u8s8_and_every_quantized_conv_becomes_an_integer_kernel(setup, tmp_path):
+    _, fp32, fp16, calib, _ = setup
+    names = [n.name for n in export.conv_nodes(fp16)]
+    twin = quantize.cpu_twin_quantizer(fp32, calib["lr"][~calib["holdout"]], "minmax", 99.99, tmp_path)
+    proto = twin(set(names) - {"last"})
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8-cpu"
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    zero_points = [inits[n.input[2]] for n in dq if n.input[0] not in inits]  # activations
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points)
+    weight_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+    assert weight_dq and all(not inits[n.input[2]].any() and inits[n.input[1]].size > 1 for n in weight_dq)
+    last = next(n for n in proto.graph.node if n.op_type == "Conv" and n.name == "last")
+    assert all(n.output[0] not in last.input for n in dq)  # the layer left out stays FP32
+    # The TensorRT rules do not hold for this model (unsigned activations), which is why they are checked on the
+    # TensorRT model only.
+    assert any("zero point must be INT8 0, got uint8" in e for e in quantize.check_qdq(proto))
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == len(names) - 1 and ops.count("Conv") + ops.count("FusedConv") == 1
+    x = calib["lr"][:2].transpose(0, 3, 1, 2).astype(np.float32) / 255
+    ref = _run_all(onnx.load(str(fp32)), x)[0]
+    mse = np.mean((session.run(None, {"lr": x})[0] - ref) ** 2)
+    assert 10 * np.log10(1 / mse) > 35  # close to FP32

@@ -41,16 +41,20 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def test_export_and_quantize_artifacts(run):
-    for name in ("student.fp32.onnx", "student.fp16.onnx", "student.int8.onnx", "calib.npz", "export.json",
-                 "quant.json", "quant.md"):
+    for name in ("student.fp32.onnx", "student.fp16.onnx", "student.int8.onnx", "student.int8-cpu.onnx", "calib.npz",
+                 "export.json", "quant.json", "quant.md"):
         assert (run / name).exists(), name
     assert check_qdq(onnx.load(str(run / "student.int8.onnx"))) == []
     parity = json.loads((run / "export.json").read_text())["parity"]
     assert {r["lr_size"] for r in parity["fp32"]} >= {"33x17", "64x48"}
     assert max(r["max_abs_err"] for r in parity["fp32"]) < 1e-4
     quant = json.loads((run / "quant.json").read_text())
-    assert quant["calibration"] == 8 and quant["holdout"] == 4 and len(quant["layers"]) == 11
-    assert set(quant["int8_layers"]) | set(quant["fp16_layers"]) == {r["layer"] for r in quant["layers"]}
+    assert quant["calibration"] == 8 and quant["holdout"] == 4
+    for model in ("tensorrt", "cpu"):
+        q = quant[model]
+        assert len(q["layers"]) == 11 and q["reached"] == (q["drop_db"] <= q["max_drop_db"])
+        assert set(q["int8_layers"]) | set(q["float_layers"]) == {r["layer"] for r in q["layers"]}
+    assert "QDQ rules checked" in (run / "quant.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert {"student.fp32.onnx", "student.int8.onnx", "calib.npz"} <= set(manifest["artifacts"])
 
@@ -65,13 +69,15 @@ def test_verify_writes_the_report_and_passes(run, capsys):
     ref = report["rows"][0]
     assert (ref["backend"], ref["precision"], ref["delta_db"]) == ("pytorch", "fp32", 0.0)
     assert ref["psnr_vs_reference"] == float("inf")
-    for precision in ("fp32", "fp16", "int8"):
+    for precision in ("fp32", "fp16", "int8", "int8-cpu"):
         row = rows[("onnxruntime-cpu", precision)]
         assert row["status"] == "pass" and row["delta_db"] == pytest.approx(row["psnr_y"] - ref["psnr_y"])
         assert row["latency_ms_p50"] > 0 and row["throughput"][0]["lr_size"] == "40x24"
     assert rows[("onnxruntime-cpu", "fp32")]["psnr_vs_reference"] > 60
-    assert 30 < rows[("onnxruntime-cpu", "int8")]["psnr_vs_reference"] < rows[("onnxruntime-cpu", "fp16")][
-        "psnr_vs_reference"]
+    for int8 in ("int8", "int8-cpu"):
+        assert 30 < rows[("onnxruntime-cpu", int8)]["psnr_vs_reference"] < rows[("onnxruntime-cpu", "fp16")][
+            "psnr_vs_reference"]
+        assert rows[("onnxruntime-cpu", int8)]["gate_db"] == report["gates"]["int8"]
     skipped = [r for r in report["rows"] if r["status"] == "skipped"]
     assert all(r["reason"] and r["psnr_y"] is None for r in skipped)
     for name in ("report.md", "psnr.png", "latency.png", "crops.png"):
