@@ -11,6 +11,7 @@ from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
 from pipeline.rundir import RunDir, versions, write_json_atomic
+from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
 
@@ -30,6 +31,8 @@ EPILOG = {
                 "         pipeline quantize --calib runs/tiny/calib.npz   (reuse a saved calibration set)",
     "build": "example: pipeline build --run-dir runs/tiny --set engine.profile=1080p   (on the GPU that will run it)",
     "doctor": "example: pipeline doctor   (or --json)",
+    "upscale": "example: pipeline upscale photos/ --out photos_x4/ --backend onnxruntime --precision int8\n"
+               "         pipeline upscale big.png --out out/ --model student.fp16.plan --backend tensorrt",
     "verify": "example: pipeline verify --run-dir runs/tiny   (on the target device: pipeline verify --require trt)",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
@@ -135,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("doctor", "what this machine has (GPU, driver, CUDA, TensorRT, ONNX Runtime, nvcc) and what it enables")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
 
+    p = command("upscale", "super-resolve images or folders with any backend (tiled when large); names are kept")
+    _add_config_args(p)
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--out", type=Path, required=True, help="output folder (never an input folder)")
+    p.add_argument("--run-dir", type=Path, help="take the model from this run (default: runs/<config name>)")
+    p.add_argument("--model", type=Path, help="a checkpoint (.pt), ONNX model (.onnx) or TensorRT plan (.plan) instead")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="default: onnxruntime (CUDA / TensorRT provider when present, else CPU)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="default: the --model file's, else fp32 (fp16 for tensorrt); int8 on the CPU provider "
+                        "takes the U8S8 CPU model")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                   help=f"LR tile side: larger images are processed in overlapping tiles (default {DEFAULT_TILE}; "
+                        "0 = whole images, unless a TensorRT profile is smaller)")
+    p.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (default 32)")
+    p.add_argument("--batch", type=int, default=1, help="tiles or same-size images per call (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
+
     p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
     _add_run_args(p)
     p.add_argument("--require", action="append", default=[], metavar="BACKEND",
@@ -213,6 +234,9 @@ def _run(args: argparse.Namespace) -> None:
         report = doctor_report()
         print(json.dumps(report, indent=2) if args.json else format_doctor(report))
         return
+    if args.command == "upscale":
+        _upscale(args, config_mod.load_config(args.preset, args.config, args.overrides), progress)
+        return
     if args.command == "kernels":
         from kernels import KernelUnavailable, build_kernel
 
@@ -287,6 +311,20 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
     print(format_table(result["rows"], f"{args.model} on {args.data}, x{scale}"))
     if args.json:
         _write_json(args.json, result)
+
+
+def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
+    from pipeline.upscale import collect_inputs, make_runner, upscale
+
+    pairs = collect_inputs(args.inputs, args.out, args.overwrite)
+    if args.model and args.run_dir:
+        raise UserError("give --model or --run-dir, not both")
+    tiling = {"tile": args.tile, "overlap": args.overlap, "batch": args.batch}
+    if min(args.tile, args.overlap) < 0 or args.batch < 1 or 0 < args.tile <= args.overlap:
+        raise UserError("--tile must be 0 or larger than --overlap (>= 0), and --batch >= 1")
+    runner = make_runner(args.backend, args.precision, args.run_dir or Path("runs") / cfg.name, args.model, tiling)
+    written = upscale(runner, pairs, progress)
+    print(f"wrote {len(written)} image(s) to {args.out}")
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -12,26 +12,23 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from models import create_model, save_checkpoint
+from conftest import SMALL_CALIB
 from pipeline.cli import main
 from pipeline.engine import trt_status
 from pipeline.quantize import check_qdq
 from pipeline.rundir import sha256_file
 
-CALIB = ["--set", "quant.calib_count=12", "--set", "quant.calib_crop=24", "--set", "quant.calib_holdout=4"]
 FAST = ["--set", "verify.repeats=2", "--set", "verify.warmup=0", "--set", 'verify.latency_sizes=["40x24"]']
 ROW_KEYS = {"backend", "precision", "status", "reason", "psnr_y", "ssim_y", "delta_db", "psnr_vs_reference",
             "latency_ms_p50", "latency_ms_p95"}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("verify") / "run"
-    torch.manual_seed(0)
-    save_checkpoint(root / "student.pt", create_model("tiny_student", scale=4))
-    assert main(["-q", "export", "--run-dir", str(root)]) == 0
-    assert main(["-q", "quantize", "--run-dir", str(root), *CALIB]) == 0
-    return root
+def run(exported_run, tmp_path_factory) -> Path:
+    """This module's own copy: its tests write reports into it."""
+    dst = tmp_path_factory.mktemp("verify") / "run"
+    shutil.copytree(exported_run, dst)
+    return dst
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -116,7 +113,7 @@ def test_bad_inputs_end_in_one_message_and_overwrite_nothing(run, tmp_path, caps
     assert main(["-q", "verify", "--run-dir", str(copy), "--set", "verify.gate_fp16_db=-0.1"]) == 2
     assert "'verify.gate_fp16_db' must be >= 0" in capsys.readouterr().err
 
-    assert main(["-q", "quantize", "--run-dir", str(copy), *CALIB, "--set", "quant.calib_count=40",
+    assert main(["-q", "quantize", "--run-dir", str(copy), *SMALL_CALIB, "--set", "quant.calib_count=40",
                  "--calib", str(copy / "calib.npz")]) == 2
     assert "holds 12 crops, quant.calib_count asks for 40" in capsys.readouterr().err
 

@@ -1,0 +1,224 @@
+"""`pipeline bundle`: a self-contained deploy folder `OUT/` and `OUT.tar.gz` for an edge device.
+
+It holds the ONNX models (FP32, FP16, INT8 for TensorRT and, when the run has it, INT8 for ONNX Runtime on CPUs),
+`calib.npz`, the run's `manifest.json`, a golden set (LR crops of the first eval images with the PyTorch FP32 outputs
+and their HR), `bundle.json` (scale, gates, latency sizes, engine settings, the sha256 of every file), the torch-free
+runtime (`runtime/pipeline/`, this package's Python files), a Makefile whose `verify` target runs
+`python -m pipeline.edge verify` (see pipeline/edge.py) and a README. The bundle is assembled in a temporary folder
+beside OUT; an existing OUT or OUT.tar.gz is replaced only with `force`, and only once the new bundle is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.backends.torch_runner import TorchRunner
+from pipeline.config import Config
+from pipeline.data.datasets import PairFolder
+from pipeline.data.imageio import write_rgb
+from pipeline.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, INT8_CPU_ONNX, ONNX, PLANS_DIR
+from pipeline.errors import UserError
+from pipeline.metrics import psnr_y
+from pipeline.modelio import load_model
+from pipeline.rundir import MANIFEST, sha256_file, versions
+
+log = logging.getLogger("pipeline")
+
+STUDENT, CALIB = "student.pt", "calib.npz"
+# What a run must have, and the command that makes it.
+REQUIRED = {STUDENT: "pipeline distill", ONNX["fp32"]: "pipeline export", ONNX["fp16"]: "pipeline export",
+            ONNX["int8"]: "pipeline quantize", CALIB: "pipeline quantize", MANIFEST: "any stage"}
+GOLDEN_COUNT = 4  # the first eval images
+GOLDEN_CROP = 96  # LR side at most: keeps the bundle small and the check fast on a CPU
+RUNTIME_EXCLUDE = {"data/build_embedded.py"}  # a maintainer's tool, not needed to verify
+
+MAKEFILE = """\
+# Verify this bundle on the device that will run it (see README.md).
+PYTHON ?= python3
+REQUIRE ?=
+BACKEND ?= auto
+
+.PHONY: verify deps
+
+verify:
+\tPYTHONPATH=runtime $(PYTHON) -m pipeline.edge verify --bundle . --backend $(BACKEND) $(if $(REQUIRE),--require $(REQUIRE))
+
+# The ONNX Runtime route; TensorRT and cuda-python come with JetPack or NVIDIA's containers.
+deps:
+\t$(PYTHON) -m pip install numpy pillow onnxruntime
+"""
+
+README = """\
+# Deploy bundle: x{scale} super-resolution student
+
+Made by facd-pipeline {version} on {created} from the run `{run}`.
+Everything needed to build and check the models on an edge device, without PyTorch.
+
+## What is inside
+| file | what |
+|---|---|
+| `student.fp32.onnx` | the FP32 model (the reference the others are measured against) |
+| `student.fp16.onnx` | FP16 (FP32 input and output): for TensorRT, or ONNX Runtime on a GPU |
+| `student.int8.onnx` | INT8 for **TensorRT / GPUs** (symmetric QDQ, calibrated; the rest FP16) |
+{int8_cpu_line}| `calib.npz` | the LR crops the INT8 models were calibrated on |
+| `golden/` | {golden_count} LR inputs (`lr/`), the PyTorch FP32 outputs (`sr_fp32/`), their HR (`hr/`), `golden.json` |
+| `manifest.json` | how the run made each artifact (config, inputs, versions, sha256) |
+| `bundle.json` | scale, gates, latency sizes, TensorRT engine settings, the sha256 of every file here |
+| `runtime/pipeline/` | the pipeline's Python code; `make verify` imports only its torch-free part |
+| `Makefile` | `make verify` (and `make deps`) |
+
+## Requirements
+Python 3.10 or later with numpy and Pillow, and either
+- TensorRT (10.x or 11.x) with cuda-python (its major version matching CUDA: 12.x on JetPack 6): they come with
+  JetPack or NVIDIA's containers; or
+- ONNX Runtime (`make deps` installs numpy, Pillow and onnxruntime with pip; onnxruntime-gpu for its CUDA provider).
+
+## Verify on the device
+    make verify                       # TensorRT where it is usable, else ONNX Runtime (and it says so)
+    make verify REQUIRE=trt           # fail when TensorRT is not usable here
+    make verify BACKEND=onnxruntime   # ONNX Runtime even where TensorRT is installed
+    make verify PYTHON=/path/to/python
+
+First every file is checked against its sha256 in `bundle.json`. With TensorRT, the FP16 and INT8 plans are built
+into `plans/` for this GPU and TensorRT version (minutes on a Jetson; reused while nothing changes) and run. Without
+it, ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU{int8_cpu_note}.
+Each precision runs the golden LR images and must stay within its gate of PyTorch's Y-PSNR against HR
+(FP32 {gate_fp32} dB, FP16 {gate_fp16} dB, INT8 {gate_int8} dB); then latency (p50/p95, batch 1) at LR {sizes}.
+
+`edge_report.json` gets every row: backend, precision, model, Y-PSNR against HR and its delta to PyTorch, the gate,
+Y-PSNR against the PyTorch outputs (per image and the worst), latency per size (TensorRT: also the engine alone),
+the machine and the versions. Exit 0: every row passed; 1: a gate failed or TensorRT was required and is missing;
+2: the bundle is incomplete or corrupt (the files are named), or nothing here can run the models (make shows
+exit codes as its own "Error N").
+
+## Which INT8 model for which device
+- `student.int8.onnx`: TensorRT (Jetson, NVIDIA GPUs). Signed symmetric, the form TensorRT takes.
+{int8_cpu_item}"""
+
+INT8_CPU_LINE = f"| `{INT8_CPU_ONNX}` | INT8 for **ONNX Runtime on CPUs** (U8S8 QDQ; the rest FP32) |\n"
+INT8_CPU_ITEM = (f"- `{INT8_CPU_ONNX}`: ONNX Runtime on CPUs (unsigned activations, which its CPU kernels run "
+                 "fastest). Not for TensorRT.\n")
+NO_INT8_CPU_ITEM = ("- ONNX Runtime on CPUs runs `student.int8.onnx` too, more slowly than an unsigned (U8S8) twin "
+                    "would; this run had none.\n")
+
+
+def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, progress: bool = True) -> Path:
+    """Write the bundle of the run at `run_root` to `out/` and `out.tar.gz`; returns the tarball's path.
+
+    A UserError, with nothing written, when the run lacks an artifact (named), when an artifact differs from its
+    record in the manifest, or when `out` or its tarball exists and `force` is not set."""
+    run_root, out = Path(run_root), Path(out)
+    say = log.info if progress else log.debug
+    _check_run(run_root)
+    tarball = out.with_name(out.name + ".tar.gz")
+    if out.resolve() == run_root.resolve() or out.resolve() in run_root.resolve().parents:
+        raise UserError(f"--out {out} would replace the run directory {run_root}; choose another folder")
+    existing = [str(p) for p in (out, tarball) if p.exists()]
+    if existing and not force:
+        raise UserError(f"{' and '.join(existing)} already exist{'s' * (len(existing) == 1)}; choose another --out, "
+                        "or pass --force to replace")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        stage, packed = Path(tmp) / out.name, Path(tmp) / tarball.name
+        _fill(cfg, run_root, stage, say)
+        say("bundle: packing %s", tarball)
+        with tarfile.open(packed, "w:gz") as tar:
+            tar.add(stage, arcname=out.name)
+        if out.exists():
+            os.replace(out, Path(tmp) / "replaced")  # removed with the temporary folder
+        os.replace(stage, out)
+        os.replace(packed, tarball)
+    say("bundle: %s and %s (%.1f MB)", out, tarball, tarball.stat().st_size / 1e6)
+    return tarball
+
+
+def _check_run(run_root: Path) -> None:
+    missing = [f"{name} (made by `{cmd}`)" for name, cmd in REQUIRED.items() if not (run_root / name).is_file()]
+    if missing:
+        raise UserError(f"cannot bundle {run_root}: missing {', '.join(missing)}")
+    try:
+        recorded = json.loads((run_root / MANIFEST).read_text())["artifacts"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{run_root / MANIFEST} is corrupt ({e}); redo the run's last stage") from None
+    changed = [name for name in (*REQUIRED, INT8_CPU_ONNX) if name in recorded and (run_root / name).is_file()
+               and sha256_file(run_root / name) != recorded[name]["sha256"]]
+    if changed:
+        raise UserError(f"cannot bundle {run_root}: {', '.join(changed)} differ(s) from the sha256 in {MANIFEST} "
+                        "(changed after the stage that made it?); redo that stage")
+
+
+def _fill(cfg: Config, run_root: Path, stage: Path, say: Any) -> None:
+    """Everything but the tarball, into the new folder `stage`."""
+    stage.mkdir()
+    has_cpu_int8 = (run_root / INT8_CPU_ONNX).is_file()
+    models = {**ONNX, **({"int8-cpu": INT8_CPU_ONNX} if has_cpu_int8 else {})}
+    for name in (*models.values(), CALIB, MANIFEST):
+        shutil.copyfile(run_root / name, stage / name)
+    say("bundle: golden set (%d eval images of %s, LR crops of at most %dx%d)", GOLDEN_COUNT, cfg.data.eval,
+        GOLDEN_CROP, GOLDEN_CROP)
+    _write_golden(cfg, run_root / STUDENT, stage)
+    _copy_runtime(stage / "runtime" / "pipeline")
+    (stage / "Makefile").write_text(MAKEFILE)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    v = cfg.verify
+    (stage / "README.md").write_text(README.format(
+        scale=cfg.scale, version=pipeline.__version__, created=created, run=run_root, golden_count=GOLDEN_COUNT,
+        gate_fp32=v.gate_fp32_db, gate_fp16=v.gate_fp16_db, gate_int8=v.gate_int8_db,
+        sizes=", ".join(v.latency_sizes) or "no size", int8_cpu_line=INT8_CPU_LINE if has_cpu_int8 else "",
+        int8_cpu_note=f" (INT8 there: `{INT8_CPU_ONNX}`)" if has_cpu_int8 else "",
+        int8_cpu_item=INT8_CPU_ITEM if has_cpu_int8 else NO_INT8_CPU_ITEM))
+    engine = {**cfg.to_dict()["engine"], "timing_cache": f"{PLANS_DIR}/trt-timing.cache"}
+    files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+    _write_json(stage / BUNDLE_JSON, {
+        "format": FORMAT, "facd_pipeline": pipeline.__version__, "created": created, "run": str(run_root),
+        "made_with": versions(), "scale": cfg.scale, "models": models,
+        "gates": {"fp32": v.gate_fp32_db, "fp16": v.gate_fp16_db, "int8": v.gate_int8_db},
+        "latency_sizes": v.latency_sizes, "warmup": v.warmup, "repeats": v.repeats, "engine": engine, "files": files})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Plain writes inside the bundle: the whole folder is temporary until it is renamed into place."""
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_golden(cfg: Config, student: Path, stage: Path) -> None:
+    """The first GOLDEN_COUNT eval images, centre-cropped to at most GOLDEN_CROP LR pixels a side, with the PyTorch
+    FP32 outputs and their Y-PSNR against HR."""
+    s = cfg.scale
+    pairs = PairFolder(cfg.data.eval, s)
+    folder = (stage / GOLDEN_JSON).parent
+    images = []
+    with TorchRunner(load_model(student, s)) as runner:
+        for i in range(min(GOLDEN_COUNT, len(pairs))):
+            pair = pairs.load(i)
+            h, w = (min(GOLDEN_CROP, n) for n in pair.lr.shape[:2])
+            y, x = (pair.lr.shape[0] - h) // 2, (pair.lr.shape[1] - w) // 2
+            lr, hr = pair.lr[y:y + h, x:x + w], pair.hr[y * s:(y + h) * s, x * s:(x + w) * s]
+            sr = runner.infer(lr)
+            entry: dict[str, Any] = {"name": pair.name}
+            for kind, img in (("lr", lr), ("sr_fp32", sr), ("hr", hr)):
+                entry[kind] = f"{kind}/{pair.name}.png"
+                write_rgb(folder / entry[kind], img)
+            images.append({**entry, "psnr_y": psnr_y(sr, hr, s)})
+    _write_json(stage / GOLDEN_JSON, {
+        "scale": s, "shave": s, "data": cfg.data.eval, "crop": f"centre, at most {GOLDEN_CROP}x{GOLDEN_CROP} LR",
+        "psnr_y": "Y-PSNR (dB) of the PyTorch FP32 output against HR", "images": images})
+
+
+def _copy_runtime(dst: Path) -> None:
+    """This package's Python files (no data): `pipeline.edge` and what it imports run from them without torch."""
+    src = Path(pipeline.__file__).resolve().parent
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src)
+        if rel.as_posix() not in RUNTIME_EXCLUDE:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dst / rel)

@@ -1,0 +1,282 @@
+"""Verify a deploy bundle (made by `pipeline bundle`) on the device that will run it, without torch:
+
+    PYTHONPATH=runtime python3 -m pipeline.edge verify --bundle . [--require trt] [--backend auto|tensorrt|onnxruntime]
+
+Every file listed in `bundle.json` must match its sha256. Where TensorRT is usable (`trt_status()`), the FP16 and INT8
+plans are built into `plans/` (kept for the next run while the ONNX, the settings, the GPU and TensorRT stay the same)
+and run; elsewhere ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU, where
+the INT8 row uses `student.int8-cpu.onnx` when the bundle has it. Each precision runs the golden LR images: Y-PSNR
+against the PyTorch FP32 outputs (parity) and against HR, whose difference to PyTorch's own Y-PSNR on HR must stay
+within the bundle's gate; then latency at the bundle's LR sizes, one runner alive at a time. A table on stdout and
+`edge_report.json`; exit 0 when every row passes, 1 on a failed gate (or `--require trt` without TensorRT), 2 on a
+missing or corrupt bundle.
+
+Imports numpy, Pillow and, lazily, onnxruntime or tensorrt + cuda-python; nothing else outside the standard library
+(Python 3.10 and later, as on JetPack 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.backends.base import Runner
+from pipeline.config import EngineSection, parse_size, validate_engine_section
+from pipeline.data.imageio import read_rgb
+from pipeline.errors import GateFailed, UserError
+from pipeline.metrics import psnr_y
+from pipeline.rundir import sha256_file, versions, write_json_atomic
+
+log = logging.getLogger("pipeline")
+
+FORMAT = "facd-pipeline-bundle/1"  # bundle.json["format"]
+BUNDLE_JSON, GOLDEN_JSON, REPORT_JSON = "bundle.json", "golden/golden.json", "edge_report.json"
+ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
+INT8_CPU_ONNX = "student.int8-cpu.onnx"  # optional: the INT8 model for ONNX Runtime on CPUs
+PLANS_DIR = "plans"
+TRT_PRECISIONS = ("fp16", "int8")
+BUNDLE_KEYS = ("scale", "gates", "latency_sizes", "warmup", "repeats", "engine", "files")
+
+
+@dataclass
+class Golden:
+    name: str
+    lr: np.ndarray
+    sr: np.ndarray  # the PyTorch FP32 output
+    hr: np.ndarray
+    psnr_y: float  # of `sr` against `hr`
+
+
+def load_bundle(root: Path) -> dict[str, Any]:
+    """`bundle.json`, once every file it lists is present with its sha256; a UserError naming what is not."""
+    path = root / BUNDLE_JSON
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root} is not a bundle: it has no {BUNDLE_JSON} (make one with `pipeline bundle`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); extract the bundle again") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} description; make the bundle again with `pipeline bundle`")
+    missing_keys = [k for k in BUNDLE_KEYS if k not in info]
+    if missing_keys:
+        raise UserError(f"{path} lacks {', '.join(missing_keys)}; make the bundle again with `pipeline bundle`")
+    missing = [name for name in info["files"] if not (root / name).is_file()]
+    changed = [name for name, digest in info["files"].items()
+               if name not in missing and sha256_file(root / name) != digest]
+    if missing or changed:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"sha256 differs: {', '.join(changed)}"] if changed else [])
+        raise UserError(f"bundle {root} is incomplete or corrupt ({'; '.join(problems)}); extract it again")
+    return info
+
+
+def load_golden(root: Path) -> list[Golden]:
+    golden = json.loads((root / GOLDEN_JSON).read_text())
+    base = (root / GOLDEN_JSON).parent
+    return [Golden(g["name"], read_rgb(base / g["lr"]), read_rgb(base / g["sr_fp32"]), read_rgb(base / g["hr"]),
+                   g["psnr_y"]) for g in golden["images"]]
+
+
+def choose_backend(backend: str, require_trt: bool) -> tuple[str, str]:
+    """("tensorrt" or "onnxruntime-cpu"/"onnxruntime-cuda", the sentence that says so and why).
+    GateFailed when TensorRT is required (`--require trt`, `--backend tensorrt`) but not usable."""
+    from pipeline.backends.ort_runner import PROVIDERS, provider_status
+    from pipeline.engine import trt_status
+
+    if require_trt and backend == "onnxruntime":
+        raise UserError("--require trt contradicts --backend onnxruntime")
+    why_not_trt = ""
+    if backend != "onnxruntime":
+        ok, what = trt_status()
+        if ok:
+            return "tensorrt", f"verifying with {what}"
+        if require_trt or backend == "tensorrt":
+            raise GateFailed(f"TensorRT is required here but not usable: {what}")
+        why_not_trt = f"TensorRT not available ({what}): "
+    device = "cuda" if provider_status("cuda")[0] else "cpu"
+    ok, why = provider_status(device)
+    if not ok:
+        raise UserError(f"{why_not_trt}nothing here can run the models: {why} (README.md: Requirements)")
+    return f"onnxruntime-{device}", f"{why_not_trt}verifying with ONNX Runtime ({PROVIDERS[device]})"
+
+
+def _engine_section(root: Path, info: dict[str, Any]) -> EngineSection:
+    try:
+        sec = EngineSection(**info["engine"])
+    except TypeError as e:
+        raise UserError(f"{root / BUNDLE_JSON}: bad engine section ({e})") from None
+    validate_engine_section(sec)
+    if sec.timing_cache:  # relative to the bundle, whatever the working directory
+        sec.timing_cache = str(root / Path(sec.timing_cache).expanduser())
+    return sec
+
+
+def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str, str, Callable[[], Runner]]]:
+    """(precision, model file, how to make its runner) for every row of `backend`."""
+    if backend == "tensorrt":
+        from pipeline.backends.trt_runner import TrtRunner
+        from pipeline.engine import build_engines
+
+        sec = _engine_section(root, info)
+
+        def plan_runner(precision: str) -> Runner:
+            log.info("%s: building or reusing the TensorRT plan in %s/ (minutes on a small device)", precision,
+                     PLANS_DIR)
+            (plan,) = build_engines({precision: root / ONNX[precision]}, root / PLANS_DIR, sec, int(info["scale"]))
+            return TrtRunner(plan)
+
+        return [(p, ONNX[p], lambda p=p: plan_runner(p)) for p in TRT_PRECISIONS]
+    from pipeline.backends.ort_runner import OrtRunner
+
+    device = backend.removeprefix("onnxruntime-")
+    rows = []
+    for precision, name in ONNX.items():
+        if precision == "int8" and device == "cpu" and INT8_CPU_ONNX in info["files"]:
+            name = INT8_CPU_ONNX
+        rows.append((precision, name, lambda m=root / name: OrtRunner(m, device)))
+    return rows
+
+
+def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list[Golden],
+            info: dict[str, Any]) -> dict[str, Any]:
+    """One precision: outputs on the golden set, the gate, latency. A runner that cannot be made or run here (a plan
+    TensorRT cannot build, say) is a failed row with its reason."""
+    scale, gate = int(info["scale"]), float(info["gates"][precision])
+    row: dict[str, Any] = {"precision": precision, "model": model, "status": "fail", "reason": "", "psnr_y": None,
+                           "delta_db": None, "gate_db": gate, "psnr_vs_golden": None, "latency_ms_p50": None,
+                           "latency_ms_p95": None, "per_image": [], "throughput": []}
+    try:
+        runner = make()
+        log.info("%s: %s on %d golden images, then latency at %s", precision, runner.name, len(golden),
+                 ", ".join(info["latency_sizes"]))
+        with runner:
+            outputs = [runner.infer(g.lr) for g in golden]
+            row["throughput"] = [_latency(runner, size, int(info["warmup"]), int(info["repeats"]))
+                                 for size in info["latency_sizes"]]
+    except UserError as e:
+        row["reason"] = str(e)
+        return row
+    row["per_image"] = [{"name": g.name, "psnr_y": psnr_y(out, g.hr, scale), "psnr_vs_golden": psnr_y(out, g.sr, scale)}
+                        for g, out in zip(golden, outputs)]
+    row["psnr_y"] = statistics.fmean(r["psnr_y"] for r in row["per_image"])
+    row["psnr_vs_golden"] = min(r["psnr_vs_golden"] for r in row["per_image"])
+    row["delta_db"] = row["psnr_y"] - statistics.fmean(g.psnr_y for g in golden)
+    timed = [t for t in row["throughput"] if "p50_ms" in t]
+    if timed:
+        row["latency_ms_p50"], row["latency_ms_p95"] = timed[-1]["p50_ms"], timed[-1]["p95_ms"]
+    if abs(row["delta_db"]) <= gate:
+        row["status"] = "pass"
+    else:
+        row["reason"] = f"|delta| {abs(row['delta_db']):.3f} dB > gate {gate} dB against the PyTorch FP32 golden outputs"
+    return row
+
+
+def _latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """p50/p95 of one call on a float32 batch of 1 at LR `size` (WxH), host to host, after `warmup` calls."""
+    h, w = parse_size(size)
+    limit = runner.max_lr_hw
+    if limit is not None and (h > limit[0] or w > limit[1]):
+        return {"lr_size": size, "skipped": f"above the plan's profile maximum {limit[1]}x{limit[0]}"}
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    gpu: dict[str, float] = {}
+    if hasattr(runner, "measure_latency"):  # TensorRT: also the engine alone, between CUDA events
+        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
+        times, gpu = ms["end_to_end_ms"], {"gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
+    else:
+        for _ in range(warmup):
+            runner.forward(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.forward(x)
+            times.append((time.perf_counter() - start) * 1e3)
+    p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50, **gpu}
+
+
+def verify_bundle(root: Path, backend: str = "auto", require_trt: bool = False) -> dict[str, Any]:
+    """Check, run and gate the bundle at `root`; writes `root/edge_report.json` and returns the report."""
+    root = Path(root)
+    info = load_bundle(root)
+    golden = load_golden(root)
+    backend, note = choose_backend(backend, require_trt)
+    print(note, flush=True)
+    rows = [{"backend": backend, **run_row(p, model, make, golden, info)}
+            for p, model, make in candidates(root, info, backend)]
+    report = {"bundle": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": backend,
+              "note": note, "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
+              "versions": versions(), "scale": info["scale"], "gates": info["gates"],
+              "golden": {"images": [g.name for g in golden], "psnr_y_pytorch": statistics.fmean(g.psnr_y for g in golden)},
+              "latency_sizes": info["latency_sizes"],
+              "latency": f"one call on a float32 batch of 1, host to host, after {info['warmup']} warm-up calls; "
+                         f"p50/p95 over {info['repeats']} calls",
+              "rows": rows, "passed": all(r["status"] == "pass" for r in rows)}
+    write_json_atomic(root / REPORT_JSON, report)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'backend':17s} {'precision':9s} {'model':22s} {'Y-PSNR':>7s} {'delta':>7s} {'gate':>5s} "
+             f"{'vs golden':>9s} {'p50 ms':>8s}  status"]
+    for r in report["rows"]:
+        lines.append(f"{r['backend']:17s} {r['precision']:9s} {r['model']:22s} {_num(r['psnr_y'], '7.3f')} "
+                     f"{_num(r['delta_db'], '+7.3f')} {r['gate_db']:5.2f} {_num(r['psnr_vs_golden'], '9.2f')} "
+                     f"{_num(r['latency_ms_p50'], '8.2f')}  {r['status']}{': ' + r['reason'] if r['reason'] else ''}")
+    lines.append(f"Y-PSNR in dB (shave = scale) on {len(report['golden']['images'])} golden images, PyTorch FP32 "
+                 f"{report['golden']['psnr_y_pytorch']:.3f}; delta: against PyTorch; vs golden: the worst image "
+                 f"against PyTorch's output; p50: at LR {(report['latency_sizes'] or ['-'])[-1]} (every size in {REPORT_JSON})")
+    return "\n".join(lines)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.edge", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("verify", help="check the bundle's models on this device against its golden outputs")
+    p.add_argument("--bundle", type=Path, default=Path("."), help="the bundle folder (default: here)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+                   help="auto (default): TensorRT where it is usable, else ONNX Runtime")
+    p.add_argument("--require", choices=["trt"], help="trt: fail (exit 1) when TensorRT is not usable here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        report = verify_bundle(args.bundle, args.backend, args.require == "trt")
+        print(format_report(report))
+        print(f"report: {args.bundle / REPORT_JSON}")
+        if not report["passed"]:
+            failed = [f"{r['backend']} {r['precision']}: {r['reason']}" for r in report["rows"] if r["status"] != "pass"]
+            raise GateFailed("edge verify failed:\n  " + "\n  ".join(failed))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except GateFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        log.removeHandler(handler)
+    print("edge verify passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

