@@ -13,7 +13,7 @@
 # 2.13.0 (CUDA 13.0 build, needs cuda-bindings 13), onnxruntime-gpu (CUDA 13) and cuda-python 13.x, so the
 # container's CUDA line and the wheels agree. For TensorRT 11 (strongly typed only) build with
 # --build-arg TRT_TAG=26.06-py3 (TensorRT 11.0.0, CUDA 13.3); the code handles both majors.
-ARG TRT_TAG=latest
+ARG TRT_TAG=26.04-py3
 FROM nvcr.io/nvidia/tensorrt:${TRT_TAG}
 
 # Same torch as the Makefile's TORCH; cuda-python's major follows the container's CUDA (13).
@@ -33,8 +33,8 @@ RUN apt-get update \
     && python3 -m venv --system-site-packages /opt/venv \
     && (userdel --remove ubuntu 2>/dev/null || true) \
     && useradd --create-home --home-dir /home/pipeline --uid "${PIPELINE_UID}" --shell /bin/bash pipeline \
-    && install -d -o pipeline -g pipeline /work /work/runs \
-    && chmod 1777 /home/pipeline /work/runs
+    && install -d -o pipeline -g pipeline /work /work/runs /home/pipeline/.cache \
+    && chmod 1777 /home/pipeline /home/pipeline/.cache /work/runs
 
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH} \
@@ -58,8 +58,9 @@ RUN pip install --no-cache-dir "${TORCH_SPEC}" "${CUDA_PYTHON_SPEC}" ".[gpu]" \
     && pipeline --version
 
 # `pipeline all` writes runs/<name> relative to the working directory: mount the host's runs/ on /work/runs.
-# Caches (fused-kernel builds, the TensorRT timing cache) go to $HOME/.cache/facd-pipeline. The user is `pipeline`,
-# named by uid so that hosts and orchestrators can check it is not root.
+# Caches (fused-kernel builds, the TensorRT timing cache) go to $HOME/.cache/facd-pipeline; keep them across runs
+# with -v facd-cache:/home/pipeline/.cache. The user is `pipeline`, named by uid so that hosts and orchestrators can
+# check it is not root; a host whose uid is not 1000 adds --user "$(id -u):$(id -g)" (HOME and its cache are 1777).
 WORKDIR /work
 USER ${PIPELINE_UID}
 

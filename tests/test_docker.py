@@ -410,6 +410,45 @@ def test_jetson_installs_the_edge_runtime_only(jetson):
     assert not only(jetson, "COPY") and not only(jetson, "ADD"), "the bundle is mounted, nothing is copied in"
 
 
+_JETSON_ABSENT = ("torch", "onnx", "onnxscript", "onnxsim", "onnxslim", "matplotlib", "tqdm", "onnxruntime",
+                  "tensorrt", "cuda")
+_EDGE_PROBE = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ImportError(name + " is not in the Jetson image")
+sys.meta_path.insert(0, Absent())
+import pipeline.edge, pipeline.engine, pipeline.backends.trt_runner
+from pipeline.engine import trt_status
+ok, why = trt_status()
+assert not ok and why, (ok, why)
+try:
+    pipeline.edge.main({argv!r})
+except SystemExit as e:
+    sys.exit(e.code)
+"""
+
+
+def test_jetson_command_and_its_imports_fit_the_image(jetson):
+    """Only numpy and Pillow (plus TensorRT and cuda-python, imported lazily) are in the Jetson image: the edge module
+    and its TensorRT route must import without torch, onnx, ONNX Runtime, matplotlib or tqdm, and the image's CMD
+    must be arguments `python -m pipeline.edge` accepts (checked with --help appended, which runs nothing)."""
+    if not (ROOT / "pipeline" / "edge.py").is_file() and not (ROOT / "pipeline" / "edge").is_dir():
+        pytest.skip("pipeline/edge.py is not written yet")
+    argv = exec_form(only(jetson, "CMD")[-1]) if only(jetson, "CMD") else []
+    entry = exec_form(only(jetson, "ENTRYPOINT")[-1])
+    if "pipeline.edge" not in entry:
+        return  # a make-based entrypoint: the bundle's Makefile decides the command
+    code = _EDGE_PROBE.format(absent=set(_JETSON_ABSENT), argv=[a.replace("/bundle", str(ROOT)) for a in argv]
+                              + ["--help"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--bundle" in done.stdout
+
+
 def test_jetson_runs_as_a_non_root_user_in_the_video_group(jetson):
     assert_non_root(jetson)
     runs = " ".join(i.args for i in only(jetson, "RUN"))
