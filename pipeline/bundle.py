@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ BACKEND ?= auto
 .PHONY: verify deps
 
 verify:
-\tPYTHONPATH=runtime $(PYTHON) -m pipeline.edge verify --bundle . --backend $(BACKEND) $(if $(REQUIRE),--require $(REQUIRE))
+\tPYTHONPATH=runtime $(PYTHON) -m pipeline.edge verify --bundle . --backend $(BACKEND) \\
+\t\t$(if $(REQUIRE),--require $(REQUIRE))
 
 # The ONNX Runtime route; TensorRT and cuda-python come with JetPack or NVIDIA's containers.
 deps:
@@ -116,11 +118,11 @@ def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, 
 
     A UserError, with nothing written, when the run lacks an artifact (named), when an artifact differs from its
     record in the manifest, or when `out` or its tarball exists and `force` is not set."""
-    run_root, out = Path(run_root), Path(out)
+    run_root, out = Path(run_root), Path(out).resolve()
     say = log.info if progress else log.debug
     _check_run(run_root)
     tarball = out.with_name(out.name + ".tar.gz")
-    if out.resolve() == run_root.resolve() or out.resolve() in run_root.resolve().parents:
+    if out == run_root.resolve() or out in run_root.resolve().parents:
         raise UserError(f"--out {out} would replace the run directory {run_root}; choose another folder")
     existing = [str(p) for p in (out, tarball) if p.exists()]
     if existing and not force:
@@ -156,7 +158,7 @@ def _check_run(run_root: Path) -> None:
                         "(changed after the stage that made it?); redo that stage")
 
 
-def _fill(cfg: Config, run_root: Path, stage: Path, say: Any) -> None:
+def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) -> None:
     """Everything but the tarball, into the new folder `stage`."""
     stage.mkdir()
     has_cpu_int8 = (run_root / INT8_CPU_ONNX).is_file()

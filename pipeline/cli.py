@@ -33,6 +33,8 @@ EPILOG = {
     "doctor": "example: pipeline doctor   (or --json)",
     "upscale": "example: pipeline upscale photos/ --out photos_x4/ --backend onnxruntime --precision int8\n"
                "         pipeline upscale big.png --out out/ --model student.fp16.plan --backend tensorrt",
+    "bundle": "example: pipeline bundle --run-dir runs/tiny --out deploy/tiny   "
+              "(on the device: tar xzf tiny.tar.gz && make -C tiny verify)",
     "verify": "example: pipeline verify --run-dir runs/tiny   (on the target device: pipeline verify --require trt)",
     "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
 }
@@ -155,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (default 32)")
     p.add_argument("--batch", type=int, default=1, help="tiles or same-size images per call (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
+
+    p = command("bundle", "a self-contained deploy folder OUT/ and OUT.tar.gz for an edge device: ONNX models, "
+                          "golden set, torch-free `make verify`")
+    _add_config_args(p)
+    p.add_argument("--run-dir", type=Path, help="the run to bundle (default: runs/<config name>)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write, with OUT.tar.gz beside it")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT and OUT.tar.gz")
 
     p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
     _add_run_args(p)
@@ -280,6 +289,10 @@ def _run(args: argparse.Namespace) -> None:
         stages.stage_quantize(cfg, run, fp32, fp16, calib=args.calib, force=args.force, progress=progress)
     elif args.command == "build":
         stages.stage_build(cfg, run, args.precision, force=args.force)
+    elif args.command == "bundle":
+        from pipeline.bundle import make_bundle
+
+        print(f"wrote {make_bundle(cfg, run.root, args.out, force=args.force, progress=progress)}")
     elif args.command == "verify":
         stages.stage_verify(cfg, run, require=args.require, force=args.force, progress=progress)
     elif args.command == "all":

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Runner
-from pipeline.config import EngineSection, parse_size, validate_engine_section
+from pipeline.backends.base import Runner, latency
+from pipeline.config import EngineSection, validate_engine_section
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import GateFailed, UserError
 from pipeline.metrics import psnr_y
@@ -164,13 +164,13 @@ def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list
                  ", ".join(info["latency_sizes"]))
         with runner:
             outputs = [runner.infer(g.lr) for g in golden]
-            row["throughput"] = [_latency(runner, size, int(info["warmup"]), int(info["repeats"]))
+            row["throughput"] = [latency(runner, size, int(info["warmup"]), int(info["repeats"]))
                                  for size in info["latency_sizes"]]
     except UserError as e:
         row["reason"] = str(e)
         return row
-    row["per_image"] = [{"name": g.name, "psnr_y": psnr_y(out, g.hr, scale), "psnr_vs_golden": psnr_y(out, g.sr, scale)}
-                        for g, out in zip(golden, outputs)]
+    row["per_image"] = [{"name": g.name, "psnr_y": psnr_y(out, g.hr, scale),
+                         "psnr_vs_golden": psnr_y(out, g.sr, scale)} for g, out in zip(golden, outputs)]
     row["psnr_y"] = statistics.fmean(r["psnr_y"] for r in row["per_image"])
     row["psnr_vs_golden"] = min(r["psnr_vs_golden"] for r in row["per_image"])
     row["delta_db"] = row["psnr_y"] - statistics.fmean(g.psnr_y for g in golden)
@@ -180,31 +180,8 @@ def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list
     if abs(row["delta_db"]) <= gate:
         row["status"] = "pass"
     else:
-        row["reason"] = f"|delta| {abs(row['delta_db']):.3f} dB > gate {gate} dB against the PyTorch FP32 golden outputs"
+        row["reason"] = f"|delta| {abs(row['delta_db']):.3f} dB > gate {gate} dB against PyTorch FP32 on the golden set"
     return row
-
-
-def _latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
-    """p50/p95 of one call on a float32 batch of 1 at LR `size` (WxH), host to host, after `warmup` calls."""
-    h, w = parse_size(size)
-    limit = runner.max_lr_hw
-    if limit is not None and (h > limit[0] or w > limit[1]):
-        return {"lr_size": size, "skipped": f"above the plan's profile maximum {limit[1]}x{limit[0]}"}
-    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    gpu: dict[str, float] = {}
-    if hasattr(runner, "measure_latency"):  # TensorRT: also the engine alone, between CUDA events
-        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
-        times, gpu = ms["end_to_end_ms"], {"gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
-    else:
-        for _ in range(warmup):
-            runner.forward(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.forward(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
-    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50, **gpu}
 
 
 def verify_bundle(root: Path, backend: str = "auto", require_trt: bool = False) -> dict[str, Any]:
@@ -219,7 +196,8 @@ def verify_bundle(root: Path, backend: str = "auto", require_trt: bool = False) 
     report = {"bundle": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": backend,
               "note": note, "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
               "versions": versions(), "scale": info["scale"], "gates": info["gates"],
-              "golden": {"images": [g.name for g in golden], "psnr_y_pytorch": statistics.fmean(g.psnr_y for g in golden)},
+              "golden": {"images": [g.name for g in golden],
+                         "psnr_y_pytorch": statistics.fmean(g.psnr_y for g in golden)},
               "latency_sizes": info["latency_sizes"],
               "latency": f"one call on a float32 batch of 1, host to host, after {info['warmup']} warm-up calls; "
                          f"p50/p95 over {info['repeats']} calls",
@@ -235,9 +213,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{r['backend']:17s} {r['precision']:9s} {r['model']:22s} {_num(r['psnr_y'], '7.3f')} "
                      f"{_num(r['delta_db'], '+7.3f')} {r['gate_db']:5.2f} {_num(r['psnr_vs_golden'], '9.2f')} "
                      f"{_num(r['latency_ms_p50'], '8.2f')}  {r['status']}{': ' + r['reason'] if r['reason'] else ''}")
+    last_size = (report["latency_sizes"] or ["-"])[-1]
     lines.append(f"Y-PSNR in dB (shave = scale) on {len(report['golden']['images'])} golden images, PyTorch FP32 "
                  f"{report['golden']['psnr_y_pytorch']:.3f}; delta: against PyTorch; vs golden: the worst image "
-                 f"against PyTorch's output; p50: at LR {(report['latency_sizes'] or ['-'])[-1]} (every size in {REPORT_JSON})")
+                 f"against PyTorch's output; p50: at LR {last_size} (every size in {REPORT_JSON})")
     return "\n".join(lines)
 
 
@@ -258,13 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
+    level = log.level
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         report = verify_bundle(args.bundle, args.backend, args.require == "trt")
         print(format_report(report))
         print(f"report: {args.bundle / REPORT_JSON}")
         if not report["passed"]:
-            failed = [f"{r['backend']} {r['precision']}: {r['reason']}" for r in report["rows"] if r["status"] != "pass"]
+            failed = [f"{r['backend']} {r['precision']}: {r['reason']}" for r in report["rows"]
+                      if r["status"] != "pass"]
             raise GateFailed("edge verify failed:\n  " + "\n  ".join(failed))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -274,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     print("edge verify passed")
     return 0
 

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.backends.base import BicubicRunner, Runner
-from pipeline.config import Config, parse_size
+from pipeline.backends.base import BicubicRunner, Runner, latency
+from pipeline.config import Config
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate, mean_row
@@ -86,8 +85,7 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
     s = cfg.scale
     first = pairs[0]
     cy, cx = max(0, first.lr.shape[0] // 2 - CROP // 2), max(0, first.lr.shape[1] // 2 - CROP // 2)
-    crop_lr, crop_hr = (slice(cy, cy + CROP), slice(cx, cx + CROP)), (slice(cy * s, (cy + CROP) * s),
-                                                                     slice(cx * s, (cx + CROP) * s))
+    crop_hr = (slice(cy * s, (cy + CROP) * s), slice(cx * s, (cx + CROP) * s))
     bicubic = mean_row(evaluate(BicubicRunner(s), pairs, s, progress))
     crops = [("LR (bicubic)", BicubicRunner(s).infer(first.lr)[crop_hr])]
     reference: list[np.ndarray] | None = None
@@ -106,8 +104,10 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
             with PeakRss() as rss, runner:
                 outputs: list[np.ndarray] = []
                 per_image = evaluate(runner, pairs, s, progress, outputs)
-                row["throughput"] = [_latency(runner, size, cfg.verify.warmup, cfg.verify.repeats)
-                                     for size in cfg.verify.latency_sizes if _fits(runner, size)]
+                timed = [latency(runner, size, cfg.verify.warmup, cfg.verify.repeats)
+                         for size in cfg.verify.latency_sizes]
+            row["throughput"] = [t for t in timed if "skipped" not in t]
+            row["latency_skipped"] = [f"{t['lr_size']}: {t['skipped']}" for t in timed if "skipped" in t]
         except UserError as e:  # e.g. a plan built for another GPU: the artifact is there but cannot serve
             row["status"], row["reason"] = "fail", str(e)
             continue
@@ -159,35 +159,6 @@ def _pooled_psnr_y(outputs: list[np.ndarray], reference: list[np.ndarray]) -> fl
     se = sum(float(np.sum((rgb_to_y(a) - rgb_to_y(b)) ** 2)) for a, b in zip(outputs, reference))
     n = sum(a.shape[0] * a.shape[1] for a in outputs)
     return math.inf if se == 0 else 10 * math.log10(255.0**2 / (se / n))
-
-
-def _fits(runner: Runner, size: str) -> bool:
-    """Whether one call takes an LR image of `size` (a TensorRT profile has a maximum; the report says so)."""
-    h, w = parse_size(size)
-    limit = runner.max_lr_hw
-    if limit is not None and (h > limit[0] or w > limit[1]):
-        log.info("verify: %s: no latency at %s, above its profile maximum %dx%d", runner.name, size, limit[1], limit[0])
-        return False
-    return True
-
-
-def _latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
-    h, w = parse_size(size)
-    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    if hasattr(runner, "measure_latency"):  # TensorRT: the engine alone (CUDA events) and with the copies
-        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
-        p50, p95 = float(np.percentile(ms["end_to_end_ms"], 50)), float(np.percentile(ms["end_to_end_ms"], 95))
-        return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50, "peak_mem_mb": None,
-                "gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
-    for _ in range(warmup):
-        runner.forward(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.forward(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
-    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1000 / p50, "peak_mem_mb": None}
 
 
 class PeakRss:

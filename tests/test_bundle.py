@@ -14,21 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from models import create_model, save_checkpoint
 from pipeline import edge
 from pipeline.backends.base import Runner
 from pipeline.backends.ort_runner import OrtRunner
 from pipeline.bundle import make_bundle
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.rundir import sha256_file
 
-CALIB = ["--set", "quant.calib_count=12", "--set", "quant.calib_crop=24", "--set", "quant.calib_holdout=4"]
 FAST = ['verify.latency_sizes=["40x24"]', "verify.repeats=2", "verify.warmup=0"]
 MODELS = ("student.fp32.onnx", "student.fp16.onnx", "student.int8.onnx")
 # The interpreter of the torch-free virtualenv; point it at a Python 3.10 to check the JetPack 6 floor.
@@ -41,19 +37,9 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bundle") / "run"
-    torch.manual_seed(0)
-    save_checkpoint(root / "student.pt", create_model("tiny_student", scale=4))
-    assert main(["-q", "export", "--run-dir", str(root)]) == 0
-    assert main(["-q", "quantize", "--run-dir", str(root), *CALIB]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(cfg, run, tmp_path_factory) -> Path:
-    """The tarball of `run`'s bundle; the folder is beside it."""
-    return make_bundle(cfg, run, tmp_path_factory.mktemp("out") / "deploy", progress=False)
+def bundle(cfg, exported_run, tmp_path_factory) -> Path:
+    """The tarball of the exported run's bundle; the folder is beside it."""
+    return make_bundle(cfg, exported_run, tmp_path_factory.mktemp("out") / "deploy", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +74,7 @@ def _files(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in folder.rglob("*") if p.is_file()}
 
 
-def test_the_bundle_holds_models_golden_set_runtime_and_checksums(bundle, run):
+def test_the_bundle_holds_models_golden_set_runtime_and_checksums(bundle, exported_run):
     folder = bundle.with_name("deploy")
     info = json.loads((folder / "bundle.json").read_text())
     assert info["format"] == edge.FORMAT and info["scale"] == 4 and info["latency_sizes"] == ["40x24"]
@@ -97,7 +83,7 @@ def test_the_bundle_holds_models_golden_set_runtime_and_checksums(bundle, run):
     files = _files(folder)
     assert info["files"] == {k: v for k, v in files.items() if k != "bundle.json"}
     for name in (*MODELS, "calib.npz", "manifest.json"):
-        assert files[name] == sha256_file(run / name), name
+        assert files[name] == sha256_file(exported_run / name), name
     assert {"Makefile", "README.md", "runtime/pipeline/edge.py", "runtime/pipeline/metrics.py"} <= set(files)
     assert all(name.endswith(".py") for name in files if name.startswith("runtime/"))
     assert "runtime/pipeline/data/build_embedded.py" not in files
@@ -117,14 +103,8 @@ def test_the_tarball_extracts_safely_to_the_same_files(bundle, tmp_path):
     assert _files(extracted) == _files(bundle.with_name("deploy"))
 
 
-def test_the_cpu_int8_model_is_carried_when_the_run_has_it(cfg, run, tmp_path):
-    with_cpu, without = tmp_path / "with", tmp_path / "without"
-    shutil.copytree(run, with_cpu)
-    if not (with_cpu / edge.INT8_CPU_ONNX).exists():
-        shutil.copyfile(run / "student.int8.onnx", with_cpu / edge.INT8_CPU_ONNX)
-    shutil.copytree(with_cpu, without, ignore=shutil.ignore_patterns(edge.INT8_CPU_ONNX))
-
-    folder = make_bundle(cfg, with_cpu, tmp_path / "a" / "deploy", progress=False).with_name("deploy")
+def test_the_cpu_int8_model_is_carried_when_the_run_has_it(bundle, cfg, exported_run, tmp_path):
+    folder = _extract(bundle, tmp_path / "with")
     assert json.loads((folder / "bundle.json").read_text())["models"]["int8-cpu"] == edge.INT8_CPU_ONNX
     readme = (folder / "README.md").read_text()
     assert "`student.int8.onnx`: TensorRT" in readme and f"`{edge.INT8_CPU_ONNX}`: ONNX Runtime on CPUs" in readme
@@ -132,6 +112,8 @@ def test_the_cpu_int8_model_is_carried_when_the_run_has_it(cfg, run, tmp_path):
     rows = {r["precision"]: r for r in json.loads((folder / edge.REPORT_JSON).read_text())["rows"]}
     assert rows["int8"]["model"] == edge.INT8_CPU_ONNX and rows["fp32"]["model"] == "student.fp32.onnx"
 
+    without = tmp_path / "run"
+    shutil.copytree(exported_run, without, ignore=shutil.ignore_patterns(edge.INT8_CPU_ONNX))
     folder = make_bundle(cfg, without, tmp_path / "b" / "deploy", progress=False).with_name("deploy")
     assert not (folder / edge.INT8_CPU_ONNX).exists()
     assert "int8-cpu" not in json.loads((folder / "bundle.json").read_text())["models"]
@@ -140,37 +122,37 @@ def test_the_cpu_int8_model_is_carried_when_the_run_has_it(cfg, run, tmp_path):
     assert rows["int8"]["model"] == "student.int8.onnx"
 
 
-def test_an_incomplete_run_is_refused_naming_what_is_missing(cfg, run, tmp_path):
+def test_an_incomplete_run_is_refused_naming_what_is_missing(cfg, exported_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("student.int8.onnx", "calib.npz"))
+    shutil.copytree(exported_run, copy, ignore=shutil.ignore_patterns("student.int8.onnx", "calib.npz"))
     with pytest.raises(UserError, match=r"missing student\.int8\.onnx \(made by `pipeline quantize`\), calib\.npz"):
         make_bundle(cfg, copy, tmp_path / "deploy", progress=False)
-    (copy / "student.int8.onnx").write_bytes((run / "student.int8.onnx").read_bytes()[:-1])
-    shutil.copyfile(run / "calib.npz", copy / "calib.npz")
+    (copy / "student.int8.onnx").write_bytes((exported_run / "student.int8.onnx").read_bytes()[:-1])
+    shutil.copyfile(exported_run / "calib.npz", copy / "calib.npz")
     with pytest.raises(UserError, match=r"student\.int8\.onnx differ\(s\) from the sha256 in manifest\.json"):
         make_bundle(cfg, copy, tmp_path / "deploy", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_an_existing_out_is_refused_and_force_replaces_it_whole(cfg, run, tmp_path):
+def test_an_existing_out_is_refused_and_force_replaces_it_whole(cfg, exported_run, tmp_path):
     out = tmp_path / "deploy"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="already exists; choose another --out, or pass --force"):
-        make_bundle(cfg, run, out, progress=False)
+        make_bundle(cfg, exported_run, out, progress=False)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     shutil.rmtree(out)
     tarball = tmp_path / "deploy.tar.gz"
     tarball.write_text("mine")
     with pytest.raises(UserError, match="deploy.tar.gz already exists"):
-        make_bundle(cfg, run, out, progress=False)
+        make_bundle(cfg, exported_run, out, progress=False)
     assert tarball.read_text() == "mine" and not out.exists()
     with pytest.raises(UserError, match="would replace the run directory"):
-        make_bundle(cfg, run, run, force=True, progress=False)
+        make_bundle(cfg, exported_run, exported_run, force=True, progress=False)
 
     out.mkdir()
     (out / "mine.txt").write_text("old")
-    assert make_bundle(cfg, run, out, force=True, progress=False) == tarball
+    assert make_bundle(cfg, exported_run, out, force=True, progress=False) == tarball
     assert not (out / "mine.txt").exists() and (out / "bundle.json").exists()
     assert _files(_extract(tarball, tmp_path / "x")) == _files(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "deploy.tar.gz", "x"]  # no temporary left

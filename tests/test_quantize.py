@@ -3,8 +3,6 @@ check on deliberately broken graphs, and the sensitivity-guided choice of layers
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort

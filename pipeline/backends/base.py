@@ -8,10 +8,13 @@ one piece (`max_lr_hw`, e.g. a TensorRT profile) or than `tile` asks for, and bl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from pipeline.config import parse_size
 from pipeline.data.imresize import bicubic_upscale
 from pipeline.metrics import to_uint8
 
@@ -124,6 +127,29 @@ def _ramp(n: int, overlap: int, fade_start: bool, fade_end: bool) -> np.ndarray:
     if fade_end:
         w = np.minimum(w, np.clip((n - d - q) / (2 * q), 0, 1))
     return w
+
+
+def latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """p50/p95 of one call on a float32 batch of 1 at LR `size` (WxH), host to host, after `warmup` calls."""
+    h, w = parse_size(size)
+    limit = runner.max_lr_hw
+    if limit is not None and (h > limit[0] or w > limit[1]):
+        return {"lr_size": size, "skipped": f"above the plan's profile maximum {limit[1]}x{limit[0]}"}
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    gpu: dict[str, float] = {}
+    if hasattr(runner, "measure_latency"):  # TensorRT: also the engine alone, between CUDA events
+        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
+        times, gpu = ms["end_to_end_ms"], {"gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
+    else:
+        for _ in range(warmup):
+            runner.forward(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.forward(x)
+            times.append((time.perf_counter() - start) * 1e3)
+    p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50, **gpu}
 
 
 class BicubicRunner(Runner):
