@@ -1,6 +1,6 @@
 """`pipeline bundle`: a self-contained deploy folder `OUT/` and `OUT.tar.gz` for an edge device.
 
-It holds the ONNX models (FP32, FP16, INT8 for TensorRT and, when the run has it, INT8 for ONNX Runtime on CPUs),
+It holds the ONNX models (FP32, FP16, INT8 for TensorRT, INT8 for ONNX Runtime on CPUs),
 `calib.npz`, the run's `manifest.json`, a golden set (LR crops of the first eval images with the PyTorch FP32 outputs
 and their HR), `bundle.json` (scale, gates, latency sizes, engine settings, the sha256 of every file), the torch-free
 runtime (`runtime/pipeline/`, this package's Python files), a Makefile whose `verify` target runs
@@ -37,7 +37,8 @@ log = logging.getLogger("pipeline")
 STUDENT, CALIB = "student.pt", "calib.npz"
 # What a run must have, and the command that makes it.
 REQUIRED = {STUDENT: "pipeline distill", ONNX["fp32"]: "pipeline export", ONNX["fp16"]: "pipeline export",
-            ONNX["int8"]: "pipeline quantize", CALIB: "pipeline quantize", MANIFEST: "any stage"}
+            ONNX["int8"]: "pipeline quantize", INT8_CPU_ONNX: "pipeline quantize", CALIB: "pipeline quantize",
+            MANIFEST: "any stage"}
 GOLDEN_COUNT = 4  # the first eval images
 GOLDEN_CROP = 96  # LR side at most: keeps the bundle small and the check fast on a CPU
 RUNTIME_EXCLUDE = {"data/build_embedded.py"}  # a maintainer's tool, not needed to verify
@@ -71,7 +72,8 @@ Everything needed to build and check the models on an edge device, without PyTor
 | `student.fp32.onnx` | the FP32 model (the reference the others are measured against) |
 | `student.fp16.onnx` | FP16 (FP32 input and output): for TensorRT, or ONNX Runtime on a GPU |
 | `student.int8.onnx` | INT8 for **TensorRT / GPUs** (symmetric QDQ, calibrated; the rest FP16) |
-{int8_cpu_line}| `calib.npz` | the LR crops the INT8 models were calibrated on |
+| `student.int8-cpu.onnx` | INT8 for **ONNX Runtime on CPUs** (U8S8 QDQ; the rest FP32) |
+| `calib.npz` | the LR crops the INT8 models were calibrated on |
 | `golden/` | {golden_count} LR inputs (`lr/`), the PyTorch FP32 outputs (`sr_fp32/`), their HR (`hr/`), `golden.json` |
 | `manifest.json` | how the run made each artifact (config, inputs, versions, sha256) |
 | `bundle.json` | scale, gates, latency sizes, TensorRT engine settings, the sha256 of every file here |
@@ -92,7 +94,7 @@ Python 3.10 or later with numpy and Pillow, and either
 
 First every file is checked against its sha256 in `bundle.json`. With TensorRT, the FP16 and INT8 plans are built
 into `plans/` for this GPU and TensorRT version (minutes on a Jetson; reused while nothing changes) and run. Without
-it, ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU{int8_cpu_note}.
+it, ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU (INT8 there: `student.int8-cpu.onnx`).
 Each precision runs the golden LR images and must stay within its gate of PyTorch's Y-PSNR against HR
 (FP32 {gate_fp32} dB, FP16 {gate_fp16} dB, INT8 {gate_int8} dB); then latency (p50/p95, batch 1) at LR {sizes}.
 
@@ -104,14 +106,9 @@ exit codes as its own "Error N").
 
 ## Which INT8 model for which device
 - `student.int8.onnx`: TensorRT (Jetson, NVIDIA GPUs). Signed symmetric, the form TensorRT takes.
-{int8_cpu_item}"""
-
-INT8_CPU_LINE = f"| `{INT8_CPU_ONNX}` | INT8 for **ONNX Runtime on CPUs** (U8S8 QDQ; the rest FP32) |\n"
-INT8_CPU_ITEM = (f"- `{INT8_CPU_ONNX}`: ONNX Runtime on CPUs (unsigned activations, which its CPU kernels run "
-                 "fastest). Not for TensorRT.\n")
-NO_INT8_CPU_ITEM = ("- ONNX Runtime on CPUs runs `student.int8.onnx` too, more slowly than an unsigned (U8S8) twin "
-                    "would; this run had none.\n")
-
+- `student.int8-cpu.onnx`: ONNX Runtime on CPUs (unsigned activations, which its CPU kernels run fastest). Not for
+  TensorRT.
+"""
 
 def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, progress: bool = True) -> Path:
     """Write the bundle of the run at `run_root` to `out/` and `out.tar.gz`; returns the tarball's path.
@@ -151,7 +148,7 @@ def _check_run(run_root: Path) -> None:
         recorded = json.loads((run_root / MANIFEST).read_text())["artifacts"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{run_root / MANIFEST} is corrupt ({e}); redo the run's last stage") from None
-    changed = [name for name in (*REQUIRED, INT8_CPU_ONNX) if name in recorded and (run_root / name).is_file()
+    changed = [name for name in REQUIRED if name in recorded and (run_root / name).is_file()
                and sha256_file(run_root / name) != recorded[name]["sha256"]]
     if changed:
         raise UserError(f"cannot bundle {run_root}: {', '.join(changed)} differ(s) from the sha256 in {MANIFEST} "
@@ -161,8 +158,7 @@ def _check_run(run_root: Path) -> None:
 def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) -> None:
     """Everything but the tarball, into the new folder `stage`."""
     stage.mkdir()
-    has_cpu_int8 = (run_root / INT8_CPU_ONNX).is_file()
-    models = {**ONNX, **({"int8-cpu": INT8_CPU_ONNX} if has_cpu_int8 else {})}
+    models = {**ONNX, "int8-cpu": INT8_CPU_ONNX}
     for name in (*models.values(), CALIB, MANIFEST):
         shutil.copyfile(run_root / name, stage / name)
     say("bundle: golden set (%d eval images of %s, LR crops of at most %dx%d)", GOLDEN_COUNT, cfg.data.eval,
@@ -175,9 +171,7 @@ def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) ->
     (stage / "README.md").write_text(README.format(
         scale=cfg.scale, version=pipeline.__version__, created=created, run=run_root, golden_count=GOLDEN_COUNT,
         gate_fp32=v.gate_fp32_db, gate_fp16=v.gate_fp16_db, gate_int8=v.gate_int8_db,
-        sizes=", ".join(v.latency_sizes) or "no size", int8_cpu_line=INT8_CPU_LINE if has_cpu_int8 else "",
-        int8_cpu_note=f" (INT8 there: `{INT8_CPU_ONNX}`)" if has_cpu_int8 else "",
-        int8_cpu_item=INT8_CPU_ITEM if has_cpu_int8 else NO_INT8_CPU_ITEM))
+        sizes=", ".join(v.latency_sizes) or "no size"))
     engine = {**cfg.to_dict()["engine"], "timing_cache": f"{PLANS_DIR}/trt-timing.cache"}
     files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
     _write_json(stage / BUNDLE_JSON, {

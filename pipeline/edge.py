@@ -5,7 +5,7 @@
 Every file listed in `bundle.json` must match its sha256. Where TensorRT is usable (`trt_status()`), the FP16 and INT8
 plans are built into `plans/` (kept for the next run while the ONNX, the settings, the GPU and TensorRT stay the same)
 and run; elsewhere ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU, where
-the INT8 row uses `student.int8-cpu.onnx` when the bundle has it. Each precision runs the golden LR images: Y-PSNR
+the INT8 row uses `student.int8-cpu.onnx`. Each precision runs the golden LR images: Y-PSNR
 against the PyTorch FP32 outputs (parity) and against HR, whose difference to PyTorch's own Y-PSNR on HR must stay
 within the bundle's gate; then latency at the bundle's LR sizes, one runner alive at a time. A table on stdout and
 `edge_report.json`; exit 0 when every row passes, 1 on a failed gate (or `--require trt` without TensorRT), 2 on a
@@ -44,7 +44,7 @@ log = logging.getLogger("pipeline")
 FORMAT = "facd-pipeline-bundle/1"  # bundle.json["format"]
 BUNDLE_JSON, GOLDEN_JSON, REPORT_JSON = "bundle.json", "golden/golden.json", "edge_report.json"
 ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
-INT8_CPU_ONNX = "student.int8-cpu.onnx"  # optional: the INT8 model for ONNX Runtime on CPUs
+INT8_CPU_ONNX = "student.int8-cpu.onnx"  # the INT8 model for ONNX Runtime on CPUs
 PLANS_DIR = "plans"
 TRT_PRECISIONS = ("fp16", "int8")
 BUNDLE_KEYS = ("scale", "gates", "latency_sizes", "warmup", "repeats", "engine", "files")
@@ -144,7 +144,7 @@ def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str
     device = backend.removeprefix("onnxruntime-")
     rows = []
     for precision, name in ONNX.items():
-        if precision == "int8" and device == "cpu" and INT8_CPU_ONNX in info["files"]:
+        if precision == "int8" and device == "cpu":
             name = INT8_CPU_ONNX
         rows.append((precision, name, lambda m=root / name: OrtRunner(m, device)))
     return rows

@@ -103,7 +103,7 @@ def test_the_tarball_extracts_safely_to_the_same_files(bundle, tmp_path):
     assert _files(extracted) == _files(bundle.with_name("deploy"))
 
 
-def test_the_cpu_int8_model_is_carried_when_the_run_has_it(bundle, cfg, exported_run, tmp_path):
+def test_both_int8_models_are_carried_and_the_cpu_one_runs_on_the_cpu(bundle, tmp_path):
     folder = _extract(bundle, tmp_path / "with")
     assert json.loads((folder / "bundle.json").read_text())["models"]["int8-cpu"] == edge.INT8_CPU_ONNX
     readme = (folder / "README.md").read_text()
@@ -112,23 +112,16 @@ def test_the_cpu_int8_model_is_carried_when_the_run_has_it(bundle, cfg, exported
     rows = {r["precision"]: r for r in json.loads((folder / edge.REPORT_JSON).read_text())["rows"]}
     assert rows["int8"]["model"] == edge.INT8_CPU_ONNX and rows["fp32"]["model"] == "student.fp32.onnx"
 
-    without = tmp_path / "run"
-    shutil.copytree(exported_run, without, ignore=shutil.ignore_patterns(edge.INT8_CPU_ONNX))
-    folder = make_bundle(cfg, without, tmp_path / "b" / "deploy", progress=False).with_name("deploy")
-    assert not (folder / edge.INT8_CPU_ONNX).exists()
-    assert "int8-cpu" not in json.loads((folder / "bundle.json").read_text())["models"]
-    assert edge.main(["verify", "--bundle", str(folder), "-q"]) == 0
-    rows = {r["precision"]: r for r in json.loads((folder / edge.REPORT_JSON).read_text())["rows"]}
-    assert rows["int8"]["model"] == "student.int8.onnx"
-
 
 def test_an_incomplete_run_is_refused_naming_what_is_missing(cfg, exported_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(exported_run, copy, ignore=shutil.ignore_patterns("student.int8.onnx", "calib.npz"))
-    with pytest.raises(UserError, match=r"missing student\.int8\.onnx \(made by `pipeline quantize`\), calib\.npz"):
+    shutil.copytree(exported_run, copy, ignore=shutil.ignore_patterns("student.int8*.onnx", "calib.npz"))
+    with pytest.raises(UserError, match=r"missing student\.int8\.onnx \(made by `pipeline quantize`\), "
+                                        r"student\.int8-cpu\.onnx .*, calib\.npz"):
         make_bundle(cfg, copy, tmp_path / "deploy", progress=False)
     (copy / "student.int8.onnx").write_bytes((exported_run / "student.int8.onnx").read_bytes()[:-1])
-    shutil.copyfile(exported_run / "calib.npz", copy / "calib.npz")
+    for name in ("calib.npz", "student.int8-cpu.onnx"):
+        shutil.copyfile(exported_run / name, copy / name)
     with pytest.raises(UserError, match=r"student\.int8\.onnx differ\(s\) from the sha256 in manifest\.json"):
         make_bundle(cfg, copy, tmp_path / "deploy", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
