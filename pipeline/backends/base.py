@@ -136,20 +136,18 @@ def latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, A
     if limit is not None and (h > limit[0] or w > limit[1]):
         return {"lr_size": size, "skipped": f"above the plan's profile maximum {limit[1]}x{limit[0]}"}
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    gpu: dict[str, float] = {}
-    if hasattr(runner, "measure_latency"):  # TensorRT: also the engine alone, between CUDA events
-        ms = runner.measure_latency(x, iters=repeats, warmup=warmup)
-        times, gpu = ms["end_to_end_ms"], {"gpu_p50_ms": float(np.percentile(ms["gpu_ms"], 50))}
-    else:
-        for _ in range(warmup):
-            runner.forward(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.forward(x)
-            times.append((time.perf_counter() - start) * 1e3)
+    for _ in range(warmup):
+        runner.forward(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.forward(x)
+        times.append((time.perf_counter() - start) * 1e3)
     p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
-    return {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50, **gpu}
+    result = {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50}
+    if hasattr(runner, "gpu_times_ms"):  # TensorRT: also the engine alone, between CUDA events
+        result["gpu_p50_ms"] = float(np.percentile(runner.gpu_times_ms(x, repeats), 50))
+    return result
 
 
 class BicubicRunner(Runner):

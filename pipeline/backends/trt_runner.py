@@ -4,15 +4,13 @@
 allocates the input and output buffers once, for the profile maximum: torch CUDA tensors when torch is already
 imported with CUDA available, else cuda-python allocations (the torch-free path of an edge device). Images larger
 than the profile maximum are tiled by the base class (`max_lr_hw`); inputs smaller than its minimum are padded
-(edge replication) and the output cropped back. `measure_latency` times the engine alone (CUDA events) and with the
-copies.
+(edge replication) and the output cropped back. `gpu_times_ms` times the engine alone (CUDA events).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,28 +167,23 @@ class TrtRunner(Runner):
             raise RuntimeError(f"TensorRT could not run {self.plan.name} on an input of shape {x.shape}")
         return self._memory.download(self._out_ptr, shape, self._out_dtype)
 
-    def measure_latency(self, x: np.ndarray, iters: int = 50, warmup: int = 10) -> dict[str, list[float]]:
-        """Milliseconds per call on `x` (float32 NCHW within the profile), after `warmup` calls: `gpu_ms`, the engine
-        alone between CUDA events on its stream; `end_to_end_ms`, `forward` with both copies (host clock)."""
-        x = self._fit(x)
-        for _ in range(warmup):
-            self._execute(x)
-        end_to_end = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            self.forward(x)
-            end_to_end.append((time.perf_counter() - start) * 1e3)
+    def gpu_times_ms(self, x: np.ndarray, iters: int) -> list[float]:
+        """Milliseconds of the engine alone per call on `x` (float32 NCHW within the profile), between CUDA events
+        on its stream (the copies excluded); `backends.base.latency` adds the host-timed calls with copies."""
+        self._context.set_input_shape(self._in, x.shape)
+        self._memory.upload(self._in_ptr, self._fit(x))
         rt = import_cudart()
         events = [cuda_call(rt.cudaEventCreate()) for _ in range(2)]
-        gpu = []
+        times = []
         try:
             for _ in range(iters):
                 cuda_call(rt.cudaEventRecord(events[0], self._memory.stream))
-                self._context.execute_async_v3(self._memory.stream)
+                if not self._context.execute_async_v3(self._memory.stream):
+                    raise RuntimeError(f"TensorRT could not run {self.plan.name} on an input of shape {x.shape}")
                 cuda_call(rt.cudaEventRecord(events[1], self._memory.stream))
                 cuda_call(rt.cudaEventSynchronize(events[1]))
-                gpu.append(float(cuda_call(rt.cudaEventElapsedTime(*events))))
+                times.append(float(cuda_call(rt.cudaEventElapsedTime(*events))))
         finally:
             for event in events:
                 cuda_call(rt.cudaEventDestroy(event))
-        return {"gpu_ms": gpu, "end_to_end_ms": end_to_end}
+        return times
