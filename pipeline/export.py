@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def export_fp32(model: Any, out: Path, meta: dict[str, str], simplify: bool = Tr
     example = torch.rand(1, 3, 24, 20)
     dims = {"x": {0: torch.export.Dim("N"), 2: torch.export.Dim("H"), 3: torch.export.Dim("W")}}
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notes, not the user's
         program = torch.onnx.export(model, (example,), input_names=[INPUT], output_names=[OUTPUT],
                                     dynamic_shapes=dims, dynamo=True, verbose=False)
     proto = program.model_proto

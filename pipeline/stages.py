@@ -30,7 +30,7 @@ from pipeline.modelio import load_model
 from pipeline.distill import distill_student
 from pipeline.engine import trt_status
 from pipeline.train import train_teacher
-from pipeline.verify import ONNX
+from pipeline.verify import ONNX, PLANS
 
 log = logging.getLogger("pipeline")
 
@@ -212,8 +212,8 @@ def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False
                  "FP16 max |err| %.2g (PSNR >= %.1f dB); simplified with %s", len(images), worst["fp32"],
                  low["fp32"], worst["fp16"], low["fp16"], done["simplifier"])
         if worst["fp32"] > cfg.export.max_abs_err:
-            raise GateFailed(f"export parity failed: ONNX Runtime FP32 differs from PyTorch by up to {worst['fp32']:.3g}"
-                             f" (export.max_abs_err {cfg.export.max_abs_err}); nothing was replaced")
+            raise GateFailed(f"export parity failed: ONNX Runtime FP32 differs from PyTorch by up to "
+                             f"{worst['fp32']:.3g} (export.max_abs_err {cfg.export.max_abs_err}); nothing was replaced")
         for name in (FP32_ONNX, FP16_ONNX):
             os.replace(Path(tmp) / name, run.path(name))
     write_json_atomic(run.path(EXPORT_JSON), result)
@@ -322,7 +322,8 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
         meta = read_meta(run.path(name))
         if meta["precision"] != precision:
             raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {precision}")
-    inputs = [run.path(n) for n in needed]
+    plans = [run.path(p) for p in PLANS.values() if run.path(p).exists()]
+    inputs = [run.path(n) for n in needed] + plans
     config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "verify": cfg.to_dict()["verify"],
               "require": sorted(require), "machine": verify.machine()}
     key = run.stage_key("verify", config, inputs)

@@ -73,7 +73,8 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
 
 def gate_for(cfg: Config, precision: str) -> float:
     v = cfg.verify
-    return {"fp32": v.gate_fp32_db, "fp16": v.gate_fp16_db, "int8": v.gate_int8_db, "int8-cpu": v.gate_int8_db}[precision]
+    gates = {"fp32": v.gate_fp32_db, "fp16": v.gate_fp16_db, "int8": v.gate_int8_db, "int8-cpu": v.gate_int8_db}
+    return gates[precision]
 
 
 def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
@@ -81,6 +82,11 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
     """Run every candidate (one alive at a time); returns the report dict and the labelled visual crops.
 
     A backend named in `require` ('trt' stands for 'tensorrt') that could not run turns its rows into failures."""
+    required = [{"trt": "tensorrt"}.get(name, name) for name in require]
+    known = list(dict.fromkeys(c.backend for c in rows_to_run))
+    unknown = [name for name, backend in zip(require, required) if backend not in known]
+    if unknown:
+        raise UserError(f"--require {', '.join(unknown)}: no such backend (known: trt, {', '.join(known)})")
     pairs = list(PairFolder(cfg.data.eval, cfg.scale))
     s = cfg.scale
     first = pairs[0]
@@ -137,21 +143,16 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
         if not ok:
             row["reason"] = (f"|delta| {abs(row['delta_db']):.3f} dB > gate {row['gate_db']} dB against the PyTorch "
                              "FP32 reference")
-    for name in require:
-        backend = {"trt": "tensorrt"}.get(name, name)
-        mine = [r for r in rows if r["backend"] == backend]
-        if not mine:
-            raise UserError(f"--require {name}: no such backend (known: trt, {', '.join(dict.fromkeys(r['backend'] for r in rows))})")
-        for row in mine:
-            if row["status"] == "skipped":
-                row["status"], row["reason"] = "fail", f"required but skipped: {row['reason']}"
+    for row in rows:
+        if row["backend"] in required and row["status"] == "skipped":
+            row["status"], row["reason"] = "fail", f"required but skipped: {row['reason']}"
     report = {"scale": s, "data": cfg.data.eval, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine(), "gates": {p: gate_for(cfg, p) for p in ONNX},
               "bicubic": {"psnr_y": bicubic["psnr_y"], "ssim_y": bicubic["ssim_y"]},
               "latency": f"one forward call on a float32 batch of 1, host to host, after {cfg.verify.warmup} "
                          f"warm-up calls; p50/p95 over {cfg.verify.repeats} calls",
               "rows": rows, "passed": all(r["status"] != "fail" for r in rows)}
-    return report, [(label, img[:CROP * s, :CROP * s]) for label, img in crops]
+    return report, crops
 
 
 def _pooled_psnr_y(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
