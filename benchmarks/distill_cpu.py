@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models import create_model
-from pipeline.bench import cpu_model
+from pipeline.doctor import cpu_info
 from pipeline.config import METHODS, load_config
 from pipeline.distill import make_loss
 from pipeline.losses import Adaptors, tap_indices
@@ -109,7 +109,7 @@ def main() -> None:
     memory = memory_table([4096, 16384])
     by = {(r["impl"], r["n"]): r["extra_peak_mib"] for r in memory}
     report = {
-        "cpu": cpu_model(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_info()["model"], "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
         "versions": versions(),
         "step_time_tiny_preset": step_times(args.warmup, args.timed),
         "contrastive_memory_c64_fp32": memory,

@@ -36,7 +36,7 @@ from pipeline.backends.ort_runner import OrtRunner
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import load_config, parse_size
 from pipeline.data.datasets import PairFolder
-from pipeline.doctor import doctor_report
+from pipeline.doctor import cpu_info
 from pipeline.evaluate import evaluate, mean_row
 from pipeline.modelio import load_model
 from pipeline.rundir import RunDir, versions, write_json_atomic, write_text_atomic
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     cfg = load_config()  # the defaults: what `pipeline export` and `pipeline quantize` do
-    cpu = doctor_report()["cpu"]
+    cpu = cpu_info()
     report: dict[str, Any] = {
         "benchmark": "export_cpu", "command": " ".join(["python", *sys.argv]), "machine": cpu, "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,15 +20,9 @@ import torch
 from models import create_model
 from pipeline.config import load_config
 from pipeline.data.imresize import degrade
+from pipeline.doctor import cpu_info
 from pipeline.rundir import versions, write_json_atomic
 from pipeline.train import batch_generator, load_train_patches
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def bench_degrade(repeats: int = 5) -> dict[str, Any]:
@@ -81,7 +74,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/tiny"))
     args = parser.parse_args()
     report = {
-        "cpu": cpu_model(),
+        "cpu": cpu_info()["model"],
         "cores": torch.get_num_threads(),
         "versions": versions(),
         "degrade": bench_degrade(),

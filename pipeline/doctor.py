@@ -47,7 +47,8 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-def _cpu() -> dict[str, Any]:
+def cpu_info() -> dict[str, Any]:
+    """CPU model name, core count and the flags that matter here (AVX-512, VNNI, AMX)."""
     fields = {}
     for line in (_run(["lscpu"]) or "").splitlines():
         key, _, value = line.partition(":")
@@ -164,7 +165,7 @@ def doctor_report() -> dict[str, Any]:
     """Everything `pipeline doctor` prints, as data (JSON-serialisable)."""
     report = {
         "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
-        "cpu": _soft(_cpu),
+        "cpu": _soft(cpu_info),
         "gpu": _soft(_gpu),
         "cuda_runtime": _soft(_cuda_runtime),
         "tensorrt": _soft(_tensorrt),

@@ -195,14 +195,16 @@ def _rss_mb() -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    from pipeline.bench import cpu_model
+    from pipeline.doctor import cpu_info
 
     gpu = None
     if "torch" in sys.modules:
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "gpu": gpu}
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cores": cpu["cores"], "cpu_flags": cpu["flags"], "platform": platform.platform(),
+            "gpu": gpu}
 
 
 def failing(report: dict[str, Any]) -> list[str]:
