@@ -26,18 +26,17 @@ from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config
 from pipeline.data.datasets import PairFolder
 from pipeline.data.imageio import write_rgb
-from pipeline.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, INT8_CPU_ONNX, ONNX, PLANS_DIR
+from pipeline.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, PLANS_DIR
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.modelio import load_model
-from pipeline.rundir import MANIFEST, sha256_file, versions
+from pipeline.rundir import CALIB, MANIFEST, ONNX, STUDENT, sha256_file, versions
 
 log = logging.getLogger("pipeline")
 
-STUDENT, CALIB = "student.pt", "calib.npz"
 # What a run must have, and the command that makes it.
 REQUIRED = {STUDENT: "pipeline distill", ONNX["fp32"]: "pipeline export", ONNX["fp16"]: "pipeline export",
-            ONNX["int8"]: "pipeline quantize", INT8_CPU_ONNX: "pipeline quantize", CALIB: "pipeline quantize",
+            ONNX["int8"]: "pipeline quantize", ONNX["int8-cpu"]: "pipeline quantize", CALIB: "pipeline quantize",
             MANIFEST: "any stage"}
 GOLDEN_COUNT = 4  # the first eval images
 GOLDEN_CROP = 96  # LR side at most: keeps the bundle small and the check fast on a CPU
@@ -158,8 +157,7 @@ def _check_run(run_root: Path) -> None:
 def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) -> None:
     """Everything but the tarball, into the new folder `stage`."""
     stage.mkdir()
-    models = {**ONNX, "int8-cpu": INT8_CPU_ONNX}
-    for name in (*models.values(), CALIB, MANIFEST):
+    for name in (*ONNX.values(), CALIB, MANIFEST):
         shutil.copyfile(run_root / name, stage / name)
     say("bundle: golden set (%d eval images of %s, LR crops of at most %dx%d)", GOLDEN_COUNT, cfg.data.eval,
         GOLDEN_CROP, GOLDEN_CROP)
@@ -176,7 +174,7 @@ def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) ->
     files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
     _write_json(stage / BUNDLE_JSON, {
         "format": FORMAT, "facd_pipeline": pipeline.__version__, "created": created, "run": str(run_root),
-        "made_with": versions(), "scale": cfg.scale, "models": models,
+        "made_with": versions(), "scale": cfg.scale, "models": ONNX,
         "gates": {"fp32": v.gate_fp32_db, "fp16": v.gate_fp16_db, "int8": v.gate_int8_db},
         "latency_sizes": v.latency_sizes, "warmup": v.warmup, "repeats": v.repeats, "engine": engine, "files": files})
 

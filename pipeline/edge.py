@@ -37,14 +37,13 @@ from pipeline.config import EngineSection, validate_engine_section
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import GateFailed, UserError
 from pipeline.metrics import psnr_y
-from pipeline.rundir import sha256_file, versions, write_json_atomic
+from pipeline.rundir import ONNX, sha256_file, versions, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
 FORMAT = "facd-pipeline-bundle/1"  # bundle.json["format"]
 BUNDLE_JSON, GOLDEN_JSON, REPORT_JSON = "bundle.json", "golden/golden.json", "edge_report.json"
-ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx"}
-INT8_CPU_ONNX = "student.int8-cpu.onnx"  # the INT8 model for ONNX Runtime on CPUs
+PRECISIONS = ("fp32", "fp16", "int8")  # the rows; on the CPU provider INT8 runs the U8S8 CPU model
 PLANS_DIR = "plans"
 TRT_PRECISIONS = ("fp16", "int8")
 BUNDLE_KEYS = ("scale", "gates", "latency_sizes", "warmup", "repeats", "engine", "files")
@@ -139,15 +138,11 @@ def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str
             return TrtRunner(plan)
 
         return [(p, ONNX[p], lambda p=p: plan_runner(p)) for p in TRT_PRECISIONS]
-    from pipeline.backends.ort_runner import OrtRunner
+    from pipeline.backends.ort_runner import OrtRunner, onnx_for
 
     device = backend.removeprefix("onnxruntime-")
-    rows = []
-    for precision, name in ONNX.items():
-        if precision == "int8" and device == "cpu":
-            name = INT8_CPU_ONNX
-        rows.append((precision, name, lambda m=root / name: OrtRunner(m, device)))
-    return rows
+    names = {p: onnx_for(p, device) for p in PRECISIONS}
+    return [(p, name, lambda m=root / name: OrtRunner(m, device)) for p, name in names.items()]
 
 
 def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list[Golden],

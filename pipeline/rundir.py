@@ -22,6 +22,12 @@ from typing import Any
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
+# The artifacts the stages write, by name; every module that opens one takes its name from here.
+STUDENT, CALIB = "student.pt", "calib.npz"
+ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx",
+        "int8": "student.int8.onnx",  # for TensorRT: S8S8 symmetric QDQ, FP16 rest
+        "int8-cpu": "student.int8-cpu.onnx"}  # for ONNX Runtime on CPUs: U8S8 QDQ, FP32 rest
+PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
 
 
 def sha256_file(path: Path) -> str:

@@ -24,21 +24,21 @@ from pipeline.config import METHODS, Config, parse_size
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import GateFailed, UserError
 from pipeline.evaluate import evaluate, mean_row
-from pipeline.rundir import RunDir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.rundir import (CALIB, ONNX, PLANS, STUDENT, RunDir, atomic_path, sha256_file, write_json_atomic,
+                             write_text_atomic)
 from pipeline.score import format_table
 from pipeline.modelio import load_model
 from pipeline.distill import distill_student
 from pipeline.engine import trt_status
 from pipeline.train import train_teacher
-from pipeline.verify import ONNX, PLANS
 
 log = logging.getLogger("pipeline")
 
-TEACHER, STUDENT = "teacher.pt", "student.pt"
+TEACHER = "teacher.pt"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 FP32_ONNX, FP16_ONNX, INT8_ONNX, INT8_CPU_ONNX = ONNX["fp32"], ONNX["fp16"], ONNX["int8"], ONNX["int8-cpu"]
-EXPORT_JSON, CALIB, QUANT_JSON, QUANT_MD = "export.json", "calib.npz", "quant.json", "quant.md"
+EXPORT_JSON, QUANT_JSON, QUANT_MD = "export.json", "quant.json", "quant.md"
 REPORT_JSON = "report.json"
 
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from pipeline.backends.base import Runner
 from pipeline.data.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
 from pipeline.errors import UserError
+from pipeline.rundir import PLANS, STUDENT
 
 DEFAULT_TILE = 384  # LR side above which an image is tiled: bounds memory (an EDSR-baseline pass at 640x360 holds GBs)
 MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".plan")
@@ -77,25 +78,22 @@ def make_runner(backend: str, precision: str | None, run_root: Path, model: Path
 
         if precision not in (None, "fp32"):
             raise UserError("the torch backend runs FP32; use --backend onnxruntime or tensorrt for fp16 / int8")
-        path = _pick(model, run_root / "student.pt", (".pt", ".pth"), backend)
+        path = _pick(model, run_root / STUDENT, (".pt", ".pth"), backend)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"upscale: PyTorch FP32 on {device}, {path}")
         return TorchRunner(load_model(path), device, **tiling)
     if backend == "onnxruntime":
-        from pipeline.backends.ort_runner import OrtRunner, provider_status
+        from pipeline.backends.ort_runner import OrtRunner, onnx_for, provider_status
 
         device = next(d for d in ("tensorrt", "cuda", "cpu") if d == "cpu" or provider_status(d)[0])
-        wanted = precision or "fp32"
-        # On the CPU provider the INT8 model is the U8S8 twin; GPU providers take the TensorRT-style model.
-        name = "student.int8-cpu.onnx" if (wanted, device) == ("int8", "cpu") else f"student.{wanted}.onnx"
-        path = _pick(model, run_root / name, (".onnx",), backend)
+        path = _pick(model, run_root / onnx_for(precision or "fp32", device), (".onnx",), backend)
         runner = OrtRunner(path, device, **tiling)
         _check_precision(runner.precision, precision, path)
         print(f"upscale: ONNX Runtime {device.upper()} provider, {path} ({runner.precision})")
         return runner
     from pipeline.backends.trt_runner import TrtRunner
 
-    path = _pick(model, run_root / f"student.{precision or 'fp16'}.plan", (".plan",), backend)
+    path = _pick(model, run_root / PLANS[precision or "fp16"], (".plan",), backend)
     runner = TrtRunner(path, **tiling)
     _check_precision(runner.precision, precision, path)
     print(f"upscale: TensorRT, {path} ({runner.precision})")

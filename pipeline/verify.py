@@ -24,12 +24,10 @@ from pipeline.data.datasets import PairFolder
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate, mean_row
 from pipeline.metrics import rgb_to_y
+from pipeline.rundir import ONNX, PLANS, STUDENT
 
 log = logging.getLogger("pipeline")
 
-ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx", "int8": "student.int8.onnx",
-        "int8-cpu": "student.int8-cpu.onnx"}  # int8: the TensorRT model; int8-cpu: its U8S8 twin for CPUs
-PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
 ORT_DEVICES = ("cpu", "cuda", "tensorrt")
 CROP = 40  # LR side of the visual comparison crop
 
@@ -52,7 +50,7 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
     from pipeline.backends.trt_runner import TrtRunner
     from pipeline.engine import trt_status
 
-    rows = [Candidate("pytorch", "fp32", "student.pt", lambda: TorchRunner(student))]
+    rows = [Candidate("pytorch", "fp32", STUDENT, lambda: TorchRunner(student))]
     for device in ORT_DEVICES:
         ok, reason = provider_status(device)
         for precision, name in ONNX.items():

@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
-from pipeline.rundir import sha256_file
+from pipeline.rundir import ONNX, sha256_file
 
 FAST = ['verify.latency_sizes=["40x24"]', "verify.repeats=2", "verify.warmup=0"]
 MODELS = ("student.fp32.onnx", "student.fp16.onnx", "student.int8.onnx")
@@ -105,12 +105,12 @@ def test_the_tarball_extracts_safely_to_the_same_files(bundle, tmp_path):
 
 def test_both_int8_models_are_carried_and_the_cpu_one_runs_on_the_cpu(bundle, tmp_path):
     folder = _extract(bundle, tmp_path / "with")
-    assert json.loads((folder / "bundle.json").read_text())["models"]["int8-cpu"] == edge.INT8_CPU_ONNX
+    assert json.loads((folder / "bundle.json").read_text())["models"]["int8-cpu"] == ONNX["int8-cpu"]
     readme = (folder / "README.md").read_text()
-    assert "`student.int8.onnx`: TensorRT" in readme and f"`{edge.INT8_CPU_ONNX}`: ONNX Runtime on CPUs" in readme
+    assert "`student.int8.onnx`: TensorRT" in readme and f"`{ONNX['int8-cpu']}`: ONNX Runtime on CPUs" in readme
     assert edge.main(["verify", "--bundle", str(folder), "--backend", "onnxruntime", "-q"]) == 0
     rows = {r["precision"]: r for r in json.loads((folder / edge.REPORT_JSON).read_text())["rows"]}
-    assert rows["int8"]["model"] == edge.INT8_CPU_ONNX and rows["fp32"]["model"] == "student.fp32.onnx"
+    assert rows["int8"]["model"] == ONNX["int8-cpu"] and rows["fp32"]["model"] == "student.fp32.onnx"
 
 
 def test_an_incomplete_run_is_refused_naming_what_is_missing(cfg, exported_run, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.backends.base import Runner
 from pipeline.errors import UserError
+from pipeline.rundir import ONNX
 
 FORMAT = "facd-pipeline-onnx/1"  # metadata_props["format"] of every model `pipeline export` writes
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -25,6 +26,12 @@ def provider_status(device: str) -> tuple[bool, str]:
         return True, ""
     hint = " (install the gpu extra: onnxruntime-gpu)" if device != "cpu" else ""
     return False, f"onnxruntime {ort.__version__} here has no {PROVIDERS[device]}{hint}"
+
+
+def onnx_for(precision: str, device: str) -> str:
+    """The ONNX file of a run for `precision` on `device`: INT8 on the CPU provider is the U8S8 CPU model, on the GPU
+    providers the TensorRT-style one."""
+    return ONNX["int8-cpu" if (precision, device) == ("int8", "cpu") else precision]
 
 
 def read_meta(path: Path) -> dict[str, str]:
