@@ -24,7 +24,8 @@ EPILOG = {
     "eval": "example: pipeline eval --model runs/tiny/teacher.pt --data embedded --json eval.json",
     "distill": "example: pipeline distill --method facd --set train.iters=2000\n"
                "         torchrun --standalone --nproc_per_node=2 -m pipeline distill --method facd   (DDP, gloo on CPUs)",
-    "ablate": "example: pipeline ablate --methods none out fd facd facd-nogate --seeds 0 1",
+    "ablate": "example: pipeline ablate --methods none out fd facd facd-nogate --seeds 0 1 2",
+    "sweep": "example: pipeline sweep --grid distill.lambda_facd=0.03,0.1,0.3 --grid facd.tau=0.07,0.15 --seeds 0 1",
     "kernels": "example: pipeline kernels build --arch sm_87 sm_90   (default: sm_80 sm_86 sm_87 sm_89 sm_90 + PTX)",
     "export": "example: pipeline export --run-dir runs/tiny   (or --student my_student.pt)",
     "quantize": "example: pipeline quantize --set quant.method=entropy --set quant.max_drop_db=0.05\n"
@@ -109,15 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("distill", "distil the student from the teacher into <run-dir>/student.pt")
     _add_run_args(p)
-    p.add_argument("--teacher", type=Path, help="teacher checkpoint or published weights (default: <run-dir>/teacher.pt)")
+    _add_teacher_arg(p)
     p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's, facd)")
 
-    p = command("ablate", "distil one student per method and seed from the same teacher; table of the results")
+    p = command("ablate", "distil one student per method and seed from the same teacher; paired comparison with "
+                "`none` on the eval set (ablation.{json,md,png})")
     _add_run_args(p)
-    p.add_argument("--teacher", type=Path, help="teacher checkpoint (default: <run-dir>/teacher.pt, trained if absent)")
+    _add_teacher_arg(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                   help=f"methods to compare (default: all of {', '.join(METHODS)})")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="seeds per method (default: 0)")
+                   help=f"methods to compare with `none` (default: all of {', '.join(METHODS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
+                   help="seeds per method (default: 0 1 2; the interval needs at least 2)")
+
+    p = command("sweep", "choose hyperparameters on the validation split: distil distill.method at every grid point "
+                "and `none`, per seed; paired comparison (sweep.{json,md,png})")
+    _add_run_args(p)
+    _add_teacher_arg(p)
+    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's, facd)")
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="config key and its values; repeat for more keys (every combination is trained)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED",
+                   help="seeds per grid point (default: 0 1)")
 
     p = command("kernels", "build the fused contrastive CUDA kernel now (it is otherwise built at first use)")
     p.add_argument("action", choices=["build"], help="what to do: build")
@@ -269,14 +282,17 @@ def _run(args: argparse.Namespace) -> None:
         progress = False
     if args.command == "teacher":
         stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
-    elif args.command == "distill":
-        stages.stage_distill(cfg, run, _teacher_path(args, run), resume=args.resume, force=args.force,
-                             progress=progress)
-    elif args.command == "ablate":
-        teacher = args.teacher or stages.stage_teacher(cfg, run, resume=args.resume, force=args.force,
-                                                       progress=progress)
-        stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
-                            progress=progress)
+    elif args.command in ("distill", "ablate", "sweep"):
+        teacher = stages.resolve_teacher(cfg, run, args.teacher, resume=args.resume, force=args.force,
+                                         progress=progress)
+        if args.command == "distill":
+            stages.stage_distill(cfg, run, teacher, resume=args.resume, force=args.force, progress=progress)
+        elif args.command == "ablate":
+            stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
+                                progress=progress)
+        else:
+            stages.stage_sweep(cfg, run, teacher, args.grid, args.seeds, resume=args.resume, force=args.force,
+                               progress=progress)
     elif args.command == "export":
         student = args.student or run.path(stages.STUDENT)
         if not student.exists():
@@ -299,11 +315,10 @@ def _run(args: argparse.Namespace) -> None:
         stages.run_all(cfg, run, teacher=args.teacher, resume=args.resume, force=args.force, progress=progress)
 
 
-def _teacher_path(args: argparse.Namespace, run: RunDir) -> Path:
-    teacher = args.teacher or run.path("teacher.pt")
-    if not teacher.exists():
-        raise UserError(f"no teacher at {teacher}: train one with `pipeline teacher` or pass --teacher CKPT")
-    return teacher
+def _add_teacher_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", type=Path, help="teacher checkpoint or published weights (default: "
+                   "<run-dir>/teacher.pt if `pipeline teacher` made one, else the shipped teacher of model.teacher, "
+                   "else one trained now)")
 
 
 def _eval(args: argparse.Namespace, progress: bool) -> None:

@@ -5,6 +5,7 @@ Every key is a dataclass field; an unknown key or a value of the wrong type is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pipeline.errors import UserError
 
 @dataclass
 class ModelSection:
-    teacher: str = "tiny_teacher"  # a preset of `pipeline models`
+    teacher: str = "tiny_teacher"  # a preset of `pipeline models`; where one is shipped for the scale, it is used
     student: str = "tiny_student"
 
 
@@ -24,6 +25,7 @@ class ModelSection:
 class DataSection:
     train: str = "embedded-train"  # "embedded-train", or a folder (HR-only or HR/ + LR_bicubic/X{s}/)
     eval: str = "embedded"  # "embedded" (the shipped eval photos), or a folder
+    val_count: int = 3  # training images held out of every training stage as the validation split (0 = none)
 
 
 @dataclass
@@ -53,9 +55,12 @@ class DistillSection:
     method: Literal[METHODS] = "facd"
     taps: int = 3  # J evenly spaced body blocks of student and teacher, matched by relative depth
     lambda_out: float = 1.0  # output distillation L1(SR_S, SR_T)
-    lambda_fd: float = 1.0  # feature distillation L1(adapted student features, teacher features)
+    lambda_fd: float = 1.0  # feature distillation L1(adapted student features, teacher features) / 255
     lambda_facd: float = 0.1  # the contrastive term
-    gate_margin: float = 0.0  # dB: distil a patch only where PSNR(SR_T) > PSNR(SR_S) + margin
+    # The gate (facd): distil a patch only where PSNR(SR_T) > PSNR(SR_S) + gate_margin (dB), and only the
+    # gate_fraction of the batch's patches where the teacher's advantage is largest (1.0: every patch that passes).
+    gate_margin: float = 0.0
+    gate_fraction: float = 1.0
 
 
 @dataclass
@@ -247,6 +252,10 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key!r} must be > 0, got {value}")
+    if not 0 < d.gate_fraction <= 1:
+        raise UserError(f"config key 'distill.gate_fraction' must be in (0, 1], got {d.gate_fraction}")
+    if cfg.data.val_count < 0:
+        raise UserError(f"config key 'data.val_count' must be >= 0, got {cfg.data.val_count}")
     if not 0 < q.calib_holdout < q.calib_count:
         raise UserError(f"config key 'quant.calib_holdout' must be between 1 and quant.calib_count - 1 "
                         f"({q.calib_count - 1}), got {q.calib_holdout}")
@@ -304,6 +313,12 @@ def load_config(preset: str = "tiny", file: str | Path | None = None, overrides:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
         _merge(cfg, data)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of `cfg` with `--set KEY=VALUE` overrides applied."""
+    cfg = copy.deepcopy(cfg)
     for text in overrides:
         _merge(cfg, _parse_override(text))
     _validate(cfg)

@@ -2,9 +2,12 @@
 
     none         L1(SR_S, GT)
     out          L1 + lambda_out * L1(SR_S, SR_T)
-    fd           L1 + lambda_fd * FD                                      (conventional feature distillation)
-    facd         L1 + lambda_out * gate * L_out + lambda_facd * gate * L_contrast
-    facd-nogate  the same without the gate (every patch distilled)
+    fd           L1 + lambda_out * L1(SR_S, SR_T) + lambda_fd * FD         (conventional feature distillation)
+    facd         L1 + lambda_out * gate * L1(SR_S, SR_T) + lambda_facd * gate * L_contrast
+    facd-nogate  the same without the gate (every patch distilled): differs from `fd` only in the feature term
+
+Wherever a teacher runs, the log also records the rate at which the gate would open on the training patches
+(`gate_rate`), and each evaluation records it on fixed patches of the validation split, which the teacher never saw.
 
 The teacher runs in eval mode without gradients. Taps: `distill.taps` evenly spaced body blocks of each network,
 matched by relative depth; the student's taps pass through 1x1 adaptors (trained with it, never exported). Under
@@ -14,6 +17,7 @@ several processes the contrastive negatives are the patches of the local batch (
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,10 @@ from torch import Tensor, nn
 
 from models import SRNet, create_model, save_checkpoint
 from pipeline.config import Config
+from pipeline.data.datasets import PairFolder, PatchSampler
 from pipeline.errors import UserError
 from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
-                             tap_indices)
+                             patch_psnr, tap_indices)
 from pipeline.train import LossFn, Trainee, fit, setup_context
 
 log = logging.getLogger("pipeline")
@@ -43,13 +48,12 @@ def make_loss(cfg: Config, teacher: SRNet | None, teacher_taps: list[int]) -> Lo
             return loss, parts
         with torch.no_grad():
             sr_t, ft = teacher.forward_features(lr, teacher_taps)
-        weight = adaptive_gate(sr, sr_t, hr, d.gate_margin) if method == "facd" else None
-        if weight is not None:
-            parts["gate_rate"] = weight.mean().item()
-        if method in ("out", "facd", "facd-nogate"):
-            term = output_distill(sr, sr_t, weight)
-            loss = loss + d.lambda_out * term
-            parts["out"] = term.item()
+        gate = adaptive_gate(sr, sr_t, hr, d.gate_margin, d.gate_fraction)
+        parts["gate_rate"] = gate.mean().item()
+        weight = gate if method == "facd" else None
+        term = output_distill(sr, sr_t, weight)
+        loss = loss + d.lambda_out * term
+        parts["out"] = term.item()
         if method == "fd":
             term = feature_distill(fs, ft)
             loss = loss + d.lambda_fd * term
@@ -62,6 +66,28 @@ def make_loss(cfg: Config, teacher: SRNet | None, teacher_taps: list[int]) -> Lo
         return loss, parts
 
     return loss_fn
+
+
+PROBE_PATCHES = 64  # validation patches on which the gate is measured at every evaluation
+
+
+def validation_gate_probe(cfg: Config, teacher: SRNet, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
+    """The gate on fixed patches of the validation split (held out of every training stage, so the teacher never
+    saw them): the share of patches with an advantage above `distill.gate_margin` and the mean advantage (dB)."""
+    _train, val = PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)
+    lr, hr = PatchSampler(list(val), cfg.train.lr_patch, cfg.scale).sample(PROBE_PATCHES,
+                                                                            torch.Generator().manual_seed(0))
+    lr, hr = lr.to(device), hr.to(device)
+    with torch.no_grad():
+        psnr_t = patch_psnr(teacher(lr), hr)
+
+    def probe(net: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            advantage = psnr_t - patch_psnr(net(lr), hr)
+        return {"val_gate_rate": (advantage > cfg.distill.gate_margin).float().mean().item(),
+                "val_advantage_db": advantage.mean().item()}
+
+    return probe
 
 
 def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, resume: bool,
@@ -85,11 +111,10 @@ def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, 
             raise UserError(str(e)) from None
         trainee = Trainee(student, student_taps, Adaptors(student.channels, teacher.channels, len(student_taps)))
         log.info("distill: student taps %s, teacher taps %s", student_taps, teacher_taps)
-    frozen = None
-    if method != "none":
-        frozen = teacher.to(ctx.device).eval().requires_grad_(False)
-    result = fit(trainee, make_loss(cfg, frozen, teacher_taps), cfg, out_dir, resume=resume, progress=progress,
-                 label=f"distill {method}", ctx=ctx)
+    frozen = teacher.to(ctx.device).eval().requires_grad_(False)
+    probe = validation_gate_probe(cfg, frozen, ctx.device) if cfg.data.val_count and ctx.is_main else None
+    result = fit(trainee, make_loss(cfg, None if method == "none" else frozen, teacher_taps), cfg, out_dir,
+                 resume=resume, progress=progress, label=f"distill {method}", ctx=ctx, probe=probe)
     if ctx.is_main:
         save_checkpoint(final, student.cpu(), role="student", preset=cfg.model.student, method=method,
                         config=cfg.to_dict(), eval=result)

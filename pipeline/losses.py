@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from models.common import RGB_RANGE
 
 Negatives = Literal["other-images", "all-positions"]
 
@@ -52,8 +53,14 @@ def output_distill(sr_s: Tensor, sr_t: Tensor, weight: Tensor | None = None) -> 
 
 
 def feature_distill(fs: Sequence[Tensor], ft: Sequence[Tensor], weight: Tensor | None = None) -> Tensor:
-    """FD: L1 between adapted student features and teacher features, averaged over taps."""
-    terms = [_weighted_patch_mean((s - t).abs().flatten(1).mean(1), weight) for s, t in zip(fs, ft, strict=True)]
+    """FD: L1 between adapted student features and teacher features, averaged over taps.
+
+    Body features live on the networks' internal x255 scale; the difference is divided by that factor, so FD is on
+    the [0, 1] image scale of the reconstruction L1, as in the EDSR-PyTorch-derived SR-KD codes (FAKD, CSD), where
+    pixels and features are both on the 0-255 scale.
+    """
+    terms = [_weighted_patch_mean((s - t).abs().flatten(1).mean(1) / RGB_RANGE, weight)
+             for s, t in zip(fs, ft, strict=True)]
     return torch.stack(terms).mean()
 
 
@@ -105,6 +112,21 @@ def patch_psnr(sr: Tensor, hr: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def adaptive_gate(sr_s: Tensor, sr_t: Tensor, hr: Tensor, margin: float = 0.0) -> Tensor:
-    """1.0 for patches where PSNR(SR_T, GT) > PSNR(SR_S, GT) + margin (the teacher helps there), else 0.0."""
-    return (patch_psnr(sr_t, hr) > patch_psnr(sr_s, hr) + margin).to(sr_s.dtype)
+def adaptive_gate(sr_s: Tensor, sr_t: Tensor, hr: Tensor, margin: float = 0.0, fraction: float = 1.0) -> Tensor:
+    """1.0 for the patches to distil, else 0.0: (B,).
+
+    A patch is distilled where the teacher's advantage PSNR(SR_T, GT) - PSNR(SR_S, GT) exceeds `margin` dB and is
+    among the `fraction` of the batch's patches (at least one) with the largest advantage.
+    """
+    return gate_from_advantage(patch_psnr(sr_t, hr) - patch_psnr(sr_s, hr), margin, fraction).to(sr_s.dtype)
+
+
+def gate_from_advantage(advantage: Tensor, margin: float, fraction: float) -> Tensor:
+    """The gate of `adaptive_gate` from per-patch teacher advantages (dB), as a bool tensor."""
+    keep = advantage > margin
+    k = max(1, round(fraction * advantage.numel()))
+    if k < advantage.numel():
+        top = torch.zeros_like(keep)
+        top[advantage.topk(k).indices] = True
+        keep &= top
+    return keep

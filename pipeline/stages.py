@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
-import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +17,11 @@ import numpy as np
 import onnx
 import torch.distributed as dist
 
-from models import load_checkpoint
-from pipeline.backends.base import BicubicRunner, Runner
+from models import count_flops, count_params, load_checkpoint
+from pipeline.backends.base import BicubicRunner, Runner, latency
 from pipeline.backends.torch_runner import TorchRunner
-from pipeline.config import METHODS, Config, parse_size
+from pipeline import study
+from pipeline.config import METHODS, Config, apply_overrides, parse_size
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import GateFailed, UserError
 from pipeline.evaluate import evaluate, mean_row
@@ -30,13 +31,14 @@ from pipeline.score import format_table
 from pipeline.modelio import load_model
 from pipeline.distill import distill_student
 from pipeline.engine import trt_status
+from pipeline.teachers import shipped_teacher
 from pipeline.train import train_teacher
 
 log = logging.getLogger("pipeline")
 
 TEACHER = "teacher.pt"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
-ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
+ABLATION, SWEEP = "ablation", "sweep"  # .json, .md and .png of `ablate` and `sweep`
 FP32_ONNX, FP16_ONNX, INT8_ONNX, INT8_CPU_ONNX = ONNX["fp32"], ONNX["fp16"], ONNX["int8"], ONNX["int8-cpu"]
 EXPORT_JSON, QUANT_JSON, QUANT_MD = "export.json", "quant.json", "quant.md"
 REPORT_JSON = "report.json"
@@ -82,6 +84,24 @@ def stage_teacher(cfg: Config, run: RunDir, *, resume: bool = False, force: bool
                         resume=resume, force=force)
 
 
+def resolve_teacher(cfg: Config, run: RunDir, given: Path | None, *, resume: bool = False, force: bool = False,
+                    progress: bool = True) -> Path:
+    """The teacher to distil from: `given`; else the run's own (made by `pipeline teacher`, or interrupted); else the
+    shipped teacher of `model.teacher` at this scale; else one trained now by the teacher stage."""
+    if given is not None:
+        load_model(given, cfg.scale)  # fail early on a wrong checkpoint
+        return given
+    started = run.path(TEACHER).exists() or (run.path(TEACHER.removesuffix(".pt")) / "last.pt").exists()
+    if not started:
+        shipped = shipped_teacher(cfg.model.teacher, cfg.scale)
+        if shipped is not None:
+            log.info("teacher: the shipped %s x%d teacher (%s)", cfg.model.teacher, cfg.scale, shipped)
+            return shipped
+        log.info("teacher: no %s teacher is shipped for x%d; training one into %s", cfg.model.teacher, cfg.scale,
+                 run.path(TEACHER))
+    return stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
+
+
 def stage_distill(cfg: Config, run: RunDir, teacher: Path, *, final: str = STUDENT, resume: bool = False,
                   force: bool = False, progress: bool = True) -> Path:
     """Distil the student from `teacher` with `cfg.distill.method` into `<run>/<final>` (work files beside it)."""
@@ -95,18 +115,27 @@ def stage_distill(cfg: Config, run: RunDir, teacher: Path, *, final: str = STUDE
                         resume=resume, force=force)
 
 
-def eval_rows(runner: Runner, data: str, scale: int, progress: bool = True) -> dict[str, Any]:
-    pairs = PairFolder(data, scale)
+def eval_rows(runner: Runner, data: str | PairFolder, scale: int, progress: bool = True) -> dict[str, Any]:
+    pairs = data if isinstance(data, PairFolder) else PairFolder(data, scale)
     with runner:
         rows = evaluate(runner, pairs, scale, progress)
     return {"model": runner.name, "data": str(data), "scale": scale, "rows": rows, "mean": mean_row(rows)}
 
 
-def _eval_models(cfg: Config, models: dict[str, Path], progress: bool) -> list[dict[str, Any]]:
-    """Bicubic, then each named checkpoint, on the eval set."""
-    results = [eval_rows(BicubicRunner(cfg.scale), cfg.data.eval, cfg.scale, progress)]
+def validation_split(cfg: Config) -> PairFolder:
+    """The training images held out of every training stage (`data.val_count`): where hyperparameters are chosen."""
+    if not cfg.data.val_count:
+        raise UserError("data.val_count is 0: there is no validation split to choose hyperparameters on")
+    return PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)[1]
+
+
+def _eval_models(cfg: Config, models: dict[str, Path], progress: bool,
+                 data: str | PairFolder | None = None) -> list[dict[str, Any]]:
+    """Bicubic, then each named checkpoint, on `data` (default: the eval set)."""
+    data = cfg.data.eval if data is None else data
+    results = [eval_rows(BicubicRunner(cfg.scale), data, cfg.scale, progress)]
     for label, path in models.items():
-        results.append(eval_rows(TorchRunner(load_model(path, cfg.scale)), cfg.data.eval, cfg.scale, progress))
+        results.append(eval_rows(TorchRunner(load_model(path, cfg.scale)), data, cfg.scale, progress))
         results[-1]["model"] = label
     return results
 
@@ -144,39 +173,98 @@ def stage_eval(cfg: Config, run: RunDir, teacher: Path, student: Path, *, force:
 
 def stage_ablate(cfg: Config, run: RunDir, teacher: Path, methods: list[str], seeds: list[int], *,
                  resume: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Distil one student per method and seed from the same teacher with the same budget; table of the results.
+    """Distil one student per method and seed from the same teacher with the same budget, and compare each method
+    with `none` on the eval set, paired per image and seed: `<run>/ablation.{json,md,png}`.
 
-    Students go to `<run>/ablate/<method>-seed<k>.pt`; the table (bicubic, teacher, every student, and per method the
-    mean and spread over seeds) to `<run>/ablation.json` and `<run>/ablation.md`.
+    Students go to `<run>/ablate/<method>-seed<k>.pt`.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
-    students = {}
-    for method in methods:
+    methods = [study.BASELINE] + [m for m in dict.fromkeys(methods) if m != study.BASELINE]
+    variants = {m: dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m)) for m in methods}
+    title = (f"Ablation on {cfg.data.eval} (eval set), x{cfg.scale}, {cfg.model.student} from {teacher.name}, "
+             f"{cfg.train.iters} iterations per student")
+    return _study(cfg, run, teacher, variants, seeds, "ablate", ABLATION, title, None, resume=resume, force=force,
+                  progress=progress)
+
+
+def parse_grid(grid: list[str]) -> dict[str, list[str]]:
+    """`["facd.tau=0.07,0.15"]` -> {"facd.tau": ["0.07", "0.15"]} (values as TOML text, checked by the config)."""
+    out: dict[str, list[str]] = {}
+    for text in grid:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise UserError(f"--grid expects KEY=V1,V2,..., got {text!r}")
+        out[key.strip()] = [v.strip() for v in values.split(",")]
+    return out
+
+
+def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds: list[int], *,
+                resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """Distil `cfg.distill.method` at every point of `grid` (all combinations) and `none`, per seed, and compare them
+    on the validation split (held out of training; never the eval set): `<run>/sweep.{json,md,png}`.
+
+    Students go to `<run>/sweep/<key><value>-...-seed<k>.pt`.
+    """
+    axes = parse_grid(grid)
+    variants = {study.BASELINE: dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="none"))}
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values))
+        variants[", ".join(f"{k}={v}" for k, v in point.items())] = apply_overrides(cfg, [f"{k}={v}" for k, v in
+                                                                                       point.items()])
+    title = (f"Sweep of {cfg.distill.method} on the validation split ({cfg.data.val_count} training images held "
+             f"out), x{cfg.scale}, {cfg.model.student} from {teacher.name}, {cfg.train.iters} iterations per student")
+    return _study(cfg, run, teacher, variants, seeds, "sweep", SWEEP, title, validation_split(cfg), resume=resume,
+                  force=force, progress=progress)
+
+
+def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config], seeds: list[int], folder: str,
+           stem: str, title: str, data: PairFolder | None, *, resume: bool, force: bool, progress: bool) -> Path:
+    if not seeds:
+        raise UserError("give at least one seed (--seeds 0 1 2)")
+    if len(seeds) < 2:
+        log.warning("%s: one seed, so no interval can be given (the interval resamples seeds): use --seeds 0 1 2",
+                    folder)
+    students: dict[str, dict[int, Path]] = {}
+    for name, variant in variants.items():
+        slug = _slug(name)
         for seed in seeds:
-            one = dataclasses.replace(cfg, seed=seed, distill=dataclasses.replace(cfg.distill, method=method))
-            students[f"{method} seed {seed}"] = stage_distill(one, run, teacher, final=f"ablate/{method}-seed{seed}.pt",
-                                                             resume=resume, force=force, progress=progress)
+            one = dataclasses.replace(variant, seed=seed)
+            students.setdefault(name, {})[seed] = stage_distill(
+                one, run, teacher, final=f"{folder}/{slug}-seed{seed}.pt", resume=resume, force=force,
+                progress=progress)
     if not is_main_process():
-        return run.path(ABLATION_JSON)
-    results = _eval_models(cfg, {"teacher": teacher, **students}, progress)
-    summary = []
-    for method in methods:
-        means = [r["mean"] for r in results if r["model"].startswith(f"{method} seed ")]
-        psnrs, ssims = [m["psnr_y"] for m in means], [m["ssim_y"] for m in means]
-        summary.append({"method": method, "seeds": seeds, "psnr_y_mean": statistics.fmean(psnrs),
-                        "psnr_y_spread": max(psnrs) - min(psnrs), "ssim_y_mean": statistics.fmean(ssims)})
-    write_json_atomic(run.path(ABLATION_JSON), {"config": cfg.to_dict(), "results": results, "summary": summary})
-    lines = [f"Ablation on {cfg.data.eval}, x{cfg.scale}, {cfg.train.iters} iterations per student; mean over the eval "
-             "images (Y channel, shave = scale).", "", "| model | Y-PSNR (dB) | Y-SSIM |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {r['mean']['psnr_y']:.3f} | {r['mean']['ssim_y']:.4f} |" for r in results]
-    lines += ["", "| method | seeds | mean Y-PSNR (dB) | max - min over seeds (dB) | mean Y-SSIM |", "|---|---|---|---|---|"]
-    lines += [f"| {s['method']} | {len(seeds)} | {s['psnr_y_mean']:.3f} | {s['psnr_y_spread']:.3f} | "
-              f"{s['ssim_y_mean']:.4f} |" for s in summary]
-    write_text_atomic(run.path(ABLATION_MD), "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return run.path(ABLATION_JSON)
+        return run.path(f"{stem}.json")
+    results = _eval_models(cfg, {"teacher": teacher, **{f"{name} seed {seed}": path for name, by_seed in
+                                                         students.items() for seed, path in by_seed.items()}},
+                           progress, data)
+    by_label = {r["model"]: r for r in results}
+    psnr = {name: np.array([[row["psnr_y"] for row in by_label[f"{name} seed {seed}"]["rows"]] for seed in seeds])
+            for name in variants}
+    rows = study.compare(psnr)
+    for row in rows:
+        stats = [study.gate_stats(students[row["variant"]][seed].with_suffix("") / "log.jsonl") for seed in seeds]
+        for key in ("train_gate_rate", "val_gate_rate", "val_advantage_db"):
+            if all(key in st for st in stats):
+                row[key] = float(np.mean([st[key] for st in stats]))
+    fixed = [("bicubic", results[0]["mean"]["psnr_y"]), (f"teacher ({teacher.name})", results[1]["mean"]["psnr_y"])]
+    write_json_atomic(run.path(f"{stem}.json"), {"title": title, "config": cfg.to_dict(), "seeds": seeds,
+                                                 "variants": {n: v.to_dict() for n, v in variants.items()},
+                                                 "fixed": dict(fixed), "rows": rows, "results": results})
+    table = study.format_study(title, rows, fixed, seeds)
+    write_text_atomic(run.path(f"{stem}.md"), table)
+    with atomic_path(run.path(f"{stem}.png")) as tmp:
+        study.plot_study(tmp, rows, title.split(",")[0])
+    print(table)
+    return run.path(f"{stem}.json")
+
+
+def _slug(name: str) -> str:
+    """A file name for a variant: the method (ablate) or `key-value` pairs of the grid point (sweep)."""
+    if name in METHODS:
+        return name
+    return "-".join(key.split(".")[-1] + value for key, value in (part.split("=", 1) for part in name.split(", ")))
 
 
 def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False) -> tuple[Path, Path]:
@@ -344,14 +432,47 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     return out
 
 
+SUMMARY_JSON = "summary.json"
+SUMMARY_LR = "320x180"  # LR size of the summary's FLOPs and latency
+
+
+def summarize(cfg: Config, run: RunDir, teacher: Path, student: Path) -> dict[str, Any]:
+    """Teacher against student: parameters, FLOPs, eval-set Y-PSNR (from eval.json) and latency on one backend
+    (PyTorch FP32 on this CPU, batch 1); printed and written to `<run>/summary.json`."""
+    evals = json.loads(run.path(EVAL_JSON).read_text())
+    bicubic = evals[0]["mean"]["psnr_y"]
+    rows = {}
+    for role, path, result in (("teacher", teacher, evals[1]), ("student", student, evals[2])):
+        model = load_model(path, cfg.scale)
+        with TorchRunner(model) as runner:
+            timing = latency(runner, SUMMARY_LR, warmup=1, repeats=3)
+        rows[role] = {"file": str(path), "model": model.config, "params": count_params(model),
+                      "gflops": count_flops(model, parse_size(SUMMARY_LR)) / 1e9, "psnr_y": result["mean"]["psnr_y"],
+                      "latency_ms": timing["p50_ms"]}
+    t, s = rows["teacher"], rows["student"]
+    gain = t["psnr_y"] - bicubic
+    summary = {"backend": f"pytorch-fp32 cpu, LR {SUMMARY_LR}, batch 1, p50 of 3", "bicubic_psnr_y": bicubic, **rows,
+               "student_share_of_teacher_gain": (s["psnr_y"] - bicubic) / gain if gain > 0 else None}
+    write_json_atomic(run.path(SUMMARY_JSON), summary)
+    share = summary["student_share_of_teacher_gain"]
+    print("\n".join([
+        f"| {cfg.data.eval}, x{cfg.scale} | teacher | student | teacher / student |", "|---|---|---|---|",
+        f"| parameters | {t['params']:,} | {s['params']:,} | {t['params'] / s['params']:.1f}x |",
+        f"| GFLOPs at LR {SUMMARY_LR} | {t['gflops']:.1f} | {s['gflops']:.1f} | {t['gflops'] / s['gflops']:.1f}x |",
+        f"| Y-PSNR (dB; bicubic {bicubic:.3f}) | {t['psnr_y']:.3f} | {s['psnr_y']:.3f} | "
+        f"{t['psnr_y'] - s['psnr_y']:+.3f} dB |",
+        f"| latency, {summary['backend']} | {t['latency_ms']:.0f} ms | {s['latency_ms']:.0f} ms | "
+        f"{t['latency_ms'] / s['latency_ms']:.1f}x |",
+        "", "the student recovers " + (f"{share:.0%}" if share is not None else "n/a (the teacher does not beat "
+                                       "bicubic)") + " of the teacher's gain over bicubic"]))
+    return summary
+
+
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,
             progress: bool = True) -> None:
-    """teacher (unless given) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
+    """teacher (given, the run's own, shipped, or trained) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
     quantize -> build (where TensorRT runs) -> verify (with its gates)."""
-    if teacher is None:
-        teacher = stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
-    else:
-        load_model(teacher, cfg.scale)  # fail early on a wrong checkpoint
+    teacher = resolve_teacher(cfg, run, teacher, resume=resume, force=force, progress=progress)
     student = stage_distill(cfg, run, teacher, resume=resume, force=force, progress=progress)
     if is_main_process():
         stage_eval(cfg, run, teacher, student, force=force, progress=progress)
@@ -363,4 +484,5 @@ def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bo
         else:
             log.info("build: skipped, no TensorRT engines on this machine (%s); verify runs ONNX Runtime", why)
         stage_verify(cfg, run, force=force, progress=progress)
+        summarize(cfg, run, teacher, student)
         log.info("all stages done; results in %s", run.root)

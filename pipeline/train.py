@@ -107,7 +107,7 @@ def batch_generator(seed: int, it: int) -> torch.Generator:
 
 
 def load_train_patches(cfg: Config, progress: bool) -> PatchSampler:
-    data = PairFolder(cfg.data.train, cfg.scale)
+    data, _val = PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)
     pairs = list(tqdm(data, total=len(data), desc=f"load {cfg.data.train}", unit="img", disable=not progress,
                       leave=False))
     return PatchSampler(pairs, cfg.train.lr_patch, cfg.scale)
@@ -141,8 +141,11 @@ def fit(
     progress: bool = True,
     label: str = "train",
     ctx: Context | None = None,
+    probe: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train `trainee` in place; write `out_dir/last.pt` (resume state) and `out_dir/log.jsonl` (rank 0).
+
+    `probe(net)`, if given, runs at every evaluation and its figures go into the log record as "probe".
 
     Returns the final evaluation (mean Y-PSNR / SSIM on the eval set). A non-finite loss stops the run with
     TrainingDiverged, after saving the weights of the last good iteration.
@@ -166,8 +169,8 @@ def fit(
         if not last.exists():
             raise UserError(f"nothing to resume: {last} does not exist")
         state = load_checkpoint(last)
-        if state.get("config") != cfg.to_dict():
-            differ = _diff(state.get("config", {}), cfg.to_dict())
+        differ = _diff(state.get("config", {}), cfg.to_dict(), Config().to_dict())
+        if differ:
             raise UserError(f"cannot resume {last}: the config differs ({differ}); resume with the same config")
         trainee.net.load_state_dict(state["state_dict"])
         trainee.adaptors.load_state_dict(state["adaptors"])
@@ -199,8 +202,11 @@ def fit(
         trainee.eval()
         with TorchRunner(trainee.net, ctx.device) as runner:
             mean = mean_row(evaluate(runner, eval_pairs, cfg.scale, progress=False))
+        record = {"iter": it, "eval": mean}
+        if probe is not None:
+            record["probe"] = probe(trainee.net)
         trainee.train()
-        _append_jsonl(log_path, {"iter": it, "eval": mean})
+        _append_jsonl(log_path, record)
         return mean
 
     trainee.train()
@@ -256,15 +262,16 @@ def fit(
     return latest_eval or {}
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+def _diff(saved: dict[str, Any], now: dict[str, Any], default: dict[str, Any], prefix: str = "") -> str:
+    """The keys whose values differ; a key the saved config predates counts as equal while it is at its default."""
     out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
+    for key in sorted(set(saved) | set(now)):
+        x, y, d = saved.get(key), now.get(key), default.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            sub = _diff(x, y, f"{prefix}{key}.")
+            sub = _diff(x, y, d if isinstance(d, dict) else {}, f"{prefix}{key}.")
             if sub:
                 out.append(sub)
-        elif x != y:
+        elif x != y and not (key not in saved and y == d):
             out.append(f"{prefix}{key}: {x!r} -> {y!r}")
     return ", ".join(out)
 

@@ -15,7 +15,8 @@ from models import create_model, load_checkpoint, save_checkpoint
 from pipeline.config import METHODS, load_config
 from pipeline.distill import distill_student, make_loss
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.losses import tap_indices
+from pipeline.data.datasets import PairFolder, PatchSampler
+from pipeline.losses import Adaptors, tap_indices
 from pipeline.train import Trainee
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +35,10 @@ def teacher() -> torch.nn.Module:
 
 EXPECTED_PARTS = {
     "none": {"l1"},
-    "out": {"l1", "out"},
-    "fd": {"l1", "fd"},
+    "out": {"l1", "out", "gate_rate"},
+    "fd": {"l1", "out", "fd", "gate_rate"},
     "facd": {"l1", "out", "contrast", "gate_rate"},
-    "facd-nogate": {"l1", "out", "contrast"},
+    "facd-nogate": {"l1", "out", "contrast", "gate_rate"},
 }
 
 
@@ -168,3 +169,32 @@ def test_facd_with_one_patch_per_process_is_refused(tmp_path, teacher):
     with pytest.raises(UserError, match="at least 2 patches"):
         distill_student(small_config("train.batch=1"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
                         progress=False)
+
+
+def test_fd_terms_are_of_comparable_size_on_real_patches(teacher):
+    """On real training patches at the default weights, no term of `fd` outweighs another by 10x (raw x255 body
+    features made FD about 160 times the reconstruction L1)."""
+    cfg = small_config('distill.method="fd"')
+    pairs = list(PairFolder("embedded-train", 4))[:4]
+    lr, hr = PatchSampler(pairs, 24, 4).sample(8, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    student = create_model("tiny_student", scale=4)
+    taps = tap_indices(student.num_taps, 3)
+    trainee = Trainee(student, taps, Adaptors(student.channels, teacher.channels, len(taps)))
+    _, parts = make_loss(cfg, teacher, tap_indices(teacher.num_taps, 3))(trainee, lr, hr, torch.Generator())
+    terms = {"l1": parts["l1"], "out": cfg.distill.lambda_out * parts["out"], "fd": cfg.distill.lambda_fd * parts["fd"]}
+    assert max(terms.values()) < 10 * min(terms.values()), terms
+
+
+def test_resume_accepts_a_config_key_added_since_only_at_its_default():
+    from pipeline.config import Config
+    from pipeline.train import _diff
+
+    now, default = Config().to_dict(), Config().to_dict()
+    saved = json.loads(json.dumps(now))
+    del saved["distill"]["gate_fraction"]  # a checkpoint written before the key existed
+    assert _diff(saved, now, default) == ""
+    now["distill"]["gate_fraction"] = 0.5
+    assert _diff(saved, now, default) == "distill.gate_fraction: None -> 0.5"
+    now["distill"]["gate_fraction"], now["train"]["lr"] = 1.0, 0.5
+    assert _diff(saved, now, default) == "train.lr: 0.001 -> 0.5"

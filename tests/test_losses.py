@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
-                             patch_psnr, tap_indices)
+from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, gate_from_advantage, l1,
+                             output_distill, patch_psnr, tap_indices)
 
 
 def test_tap_indices_are_evenly_spaced_and_end_at_the_last_block():
@@ -31,11 +31,19 @@ def test_l1_and_weighted_output_distillation_by_hand():
     assert output_distill(a, b, torch.tensor([0.0, 1.0])).item() == pytest.approx(0.125)
 
 
-def test_feature_distillation_averages_taps():
+def test_feature_distillation_averages_taps_on_the_image_scale():
     fs = [torch.zeros(2, 4, 3, 3), torch.zeros(2, 8, 1, 1)]
-    ft = [torch.full((2, 4, 3, 3), 2.0), torch.full((2, 8, 1, 1), -1.0)]
-    assert feature_distill(fs, ft).item() == pytest.approx(1.5)
-    assert feature_distill(fs, ft, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.75)
+    ft = [torch.full((2, 4, 3, 3), 2.0), torch.full((2, 8, 1, 1), -1.0)]  # internal x255 scale
+    assert feature_distill(fs, ft).item() == pytest.approx(1.5 / 255)
+    assert feature_distill(fs, ft, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.75 / 255)
+
+
+def test_feature_term_is_the_size_of_the_pixel_term_when_features_differ_like_pixels():
+    """A network's body sees (x - mean) * 255: an image error of e on [0, 1] is an error of 255 e in that domain,
+    so feature and pixel errors of the same image-scale size give terms of the same size."""
+    hr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sr = hr + 0.02
+    assert feature_distill([sr * 255], [hr * 255]).item() == pytest.approx(l1(sr, hr).item(), rel=1e-5)
 
 
 def test_adaptors_map_channels_and_keep_the_grid():
@@ -52,6 +60,14 @@ def test_gate_follows_patch_psnr_and_margin():
     assert adaptive_gate(sr_s, sr_t, hr).tolist() == [1.0, 0.0, 0.0]  # equal PSNR: the teacher does not help
     assert adaptive_gate(sr_s, sr_t, hr, margin=25.0).tolist() == [0.0, 0.0, 0.0]
     assert adaptive_gate(sr_s, sr_t, hr, margin=-1.0).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_gate_fraction_keeps_the_largest_advantages_that_pass_the_margin():
+    advantage = torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0, 1.0])
+    assert gate_from_advantage(advantage, 0.0, 1.0).tolist() == [True, False, True, True, False, True]
+    assert gate_from_advantage(advantage, 0.0, 0.5).tolist() == [True, False, False, True, False, True]
+    assert gate_from_advantage(advantage, 1.5, 0.5).tolist() == [True, False, False, True, False, False]
+    assert gate_from_advantage(advantage, 0.0, 0.01).tolist() == [True, False, False, False, False, False]  # >= 1
 
 
 def explicit_infonce(fs, ft, tau, negatives, weight=None, keep=None):

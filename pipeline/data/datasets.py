@@ -11,6 +11,7 @@ A dataset is named by a string:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,17 @@ class PairFolder:
 
     def __len__(self) -> int:
         return len(self.hr_files)
+
+    def split(self, val_count: int) -> tuple[PairFolder, PairFolder]:
+        """(train, validation): `val_count` images evenly spaced in name order are the validation split."""
+        n = len(self.hr_files)
+        if not 0 <= val_count < n:
+            raise UserError(f"data.val_count = {val_count}: {self.folder} has {n} images; hold out 0 to {n - 1}")
+        val_idx = {int((k + 0.5) * n / val_count) for k in range(val_count)}
+        train, val = copy.copy(self), copy.copy(self)
+        train.hr_files = [f for i, f in enumerate(self.hr_files) if i not in val_idx]
+        val.hr_files = [f for i, f in enumerate(self.hr_files) if i in val_idx]
+        return train, val
 
     def _lr_file(self, hr_file: Path) -> Path:
         assert self.lr_dir is not None

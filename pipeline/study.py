@@ -1,0 +1,119 @@
+"""Paired comparison of distillation variants: per-image differences against a baseline, a bootstrap interval over
+images and seeds, a verdict, and the table and plot of `pipeline ablate` and `pipeline sweep`.
+
+Within a seed every variant starts from the same weights and sees the same batches, so the difference of two
+variants on one image of one seed is a paired difference. The interval resamples seeds and images independently
+(with replacement) and takes the mean difference of each resample: it covers both the seed noise of training and
+the choice of test images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE = "none"
+RESAMPLES = 10_000
+LEVEL = 0.95
+
+
+def bootstrap_interval(diffs: np.ndarray, resamples: int = RESAMPLES, level: float = LEVEL,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of `diffs` (seeds x images), seeds and images resampled independently."""
+    n_seeds, n_images = diffs.shape
+    if n_seeds < 2:
+        raise ValueError("an interval over seeds needs at least 2 seeds")
+    rng = np.random.default_rng(seed)
+    s = rng.integers(n_seeds, size=(resamples, n_seeds))
+    i = rng.integers(n_images, size=(resamples, n_images))
+    means = diffs[s[:, :, None], i[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    return "better" if lo > 0 else "worse" if hi < 0 else "indistinguishable"
+
+
+def compare(psnr: dict[str, np.ndarray], baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """One row per variant: mean Y-PSNR and, except for the baseline, the paired difference to it with its interval.
+
+    `psnr[variant]` is (seeds x images), the same seeds and images in the same order for every variant.
+    """
+    base = psnr[baseline]
+    rows = []
+    for name, values in psnr.items():
+        row: dict[str, Any] = {"variant": name, "psnr_y": float(values.mean()),
+                               "psnr_y_per_seed": values.mean(axis=1).tolist()}
+        if name != baseline:
+            diffs = values - base
+            row["diff"] = float(diffs.mean())
+            if diffs.shape[0] >= 2:
+                lo, hi = bootstrap_interval(diffs)
+                row.update(ci_low=lo, ci_high=hi, verdict=verdict(lo, hi))
+        rows.append(row)
+    return rows
+
+
+def gate_stats(log_path: Path) -> dict[str, float]:
+    """From a distillation log: the mean gate rate over the training patches and the last validation probe."""
+    if not log_path.exists():
+        return {}
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [r["gate_rate"] for r in records if "gate_rate" in r]
+    probes = [r["probe"] for r in records if "probe" in r]
+    out = {"train_gate_rate": float(np.mean(train))} if train else {}
+    if probes:
+        out.update(probes[-1])
+    return out
+
+
+def format_study(title: str, rows: list[dict[str, Any]], fixed: list[tuple[str, float]], seeds: list[int],
+                 baseline: str = BASELINE) -> str:
+    """Markdown: the fixed rows (bicubic, teacher), then one row per variant with its difference to the baseline."""
+    pct = f"{LEVEL:.0%}"
+    lines = [title, "",
+             f"| model | mean Y-PSNR (dB) | minus `{baseline}` (dB) | {pct} interval | verdict | gate rate, train | "
+             "gate rate, val | teacher advantage, val (dB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {value:.3f} | | | | | | |" for name, value in fixed]
+    for r in rows:
+        interval = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if "ci_low" in r else ""
+        diff = f"{r['diff']:+.3f}" if "diff" in r else "(baseline)"
+        gates = [f"{r[k]:.3f}" if k in r else "" for k in ("train_gate_rate", "val_gate_rate")]
+        advantage = f"{r['val_advantage_db']:+.3f}" if "val_advantage_db" in r else ""
+        lines.append(f"| {r['variant']} | {r['psnr_y']:.3f} | {diff} | {interval} | {r.get('verdict', '')} | "
+                     f"{gates[0]} | {gates[1]} | {advantage} |")
+    if len(seeds) < 2:
+        lines += ["", "One seed: no interval can be given (the interval resamples seeds; run at least 2)."]
+    else:
+        lines += ["", f"Seeds {', '.join(map(str, seeds))}; paired per image and seed against `{baseline}` (same "
+                  f"initial weights and batches within a seed); {pct} bootstrap interval over seeds and images "
+                  f"({RESAMPLES} resamples); verdict: better / worse when the interval excludes 0."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(path: Path, rows: list[dict[str, Any]], title: str, baseline: str = BASELINE) -> None:
+    """Mean difference to the baseline with its interval, one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if "diff" in r]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(shown) + 1.5))
+    y = np.arange(len(shown))
+    diffs = np.array([r["diff"] for r in shown])
+    err = np.array([[r["diff"] - r.get("ci_low", r["diff"]), r.get("ci_high", r["diff"]) - r["diff"]]
+                    for r in shown]).T
+    ax.errorbar(diffs, y, xerr=err if len(shown) else None, fmt="o", capsize=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(y, [r["variant"] for r in shown])
+    ax.set_xlabel(f"mean Y-PSNR minus {baseline} (dB), {LEVEL:.0%} interval")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)

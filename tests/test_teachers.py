@@ -1,0 +1,55 @@
+"""Shipped teachers: found by preset and scale, refused when missing or altered, used by `all` by default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pipeline.teachers as teachers
+from models import create_model, save_checkpoint
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.rundir import sha256_file
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A stand-in package folder holding one shipped tiny_teacher at x4."""
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny_teacher_x4.pt", create_model("tiny_teacher", scale=4), role="teacher")
+    entry = {"preset": "tiny_teacher", "scale": 4, "file": ckpt.name, "sha256": sha256_file(ckpt)}
+    (tmp_path / teachers.INDEX).write_text(json.dumps({"teachers": [entry]}))
+    monkeypatch.setattr(teachers, "TEACHERS_DIR", tmp_path)
+    return ckpt
+
+
+def test_found_by_preset_and_scale(shipped):
+    assert teachers.shipped_teacher("tiny_teacher", 4) == shipped
+    assert teachers.shipped_teacher("tiny_teacher", 2) is None
+    assert teachers.shipped_teacher("edsr_baseline", 4) is None
+
+
+def test_missing_or_altered_file_is_one_clear_error_naming_it(shipped):
+    data = bytearray(shipped.read_bytes())
+    data[-100] ^= 0xFF
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"shipped teacher {shipped} is altered: sha256"):
+        teachers.shipped_teacher("tiny_teacher", 4)
+    shipped.unlink()
+    with pytest.raises(UserError, match=f"shipped teacher {shipped} is missing"):
+        teachers.shipped_teacher("tiny_teacher", 4)
+
+
+def test_distill_uses_the_shipped_teacher_unless_the_run_has_its_own(shipped, tmp_path, capsys):
+    run = tmp_path / "run"
+    small = [x for kv in ["train.batch=4", "train.lr_patch=12", "train.eval_every=0", "train.iters=1",
+                          "train.ckpt_every=1", 'distill.method="out"'] for x in ("--set", kv)]
+    assert main(["distill", "--run-dir", str(run), *small]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert sha256_file(shipped) in manifest["artifacts"]["student.pt"]["inputs"].values()
+    assert not (run / "teacher.pt").exists()
+    shipped.unlink()
+    assert main(["-q", "distill", "--run-dir", str(run), *small]) == 2
+    assert "shipped teacher" in capsys.readouterr().err
