@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config key and its values; repeat for more keys (every combination is trained)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED",
                    help="seeds per grid point (default: 0 1)")
+    p.add_argument("--name", default="sweep", help="results go to <run-dir>/NAME.{json,md,png} (default: sweep); "
+                   "students of every sweep share <run-dir>/sweep/, so a grid point trained before is reused")
 
     p = command("kernels", "build the fused contrastive CUDA kernel now (it is otherwise built at first use)")
     p.add_argument("action", choices=["build"], help="what to do: build")
@@ -291,8 +293,8 @@ def _run(args: argparse.Namespace) -> None:
             stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
                                 progress=progress)
         else:
-            stages.stage_sweep(cfg, run, teacher, args.grid, args.seeds, resume=args.resume, force=args.force,
-                               progress=progress)
+            stages.stage_sweep(cfg, run, teacher, args.grid, args.seeds, name=args.name, resume=args.resume,
+                               force=args.force, progress=progress)
     elif args.command == "export":
         student = args.student or run.path(stages.STUDENT)
         if not student.exists():

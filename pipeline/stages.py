@@ -55,7 +55,7 @@ def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], in
     """Run `train(work_dir, final_path)` unless the stage is up to date; refuse to overwrite a partial run."""
     key = run.stage_key(stage, config, inputs)
     final_path, work = run.path(final), run.path(final.removesuffix(".pt"))
-    if not force and not resume and run.is_current(stage, key):
+    if not force and run.is_current(stage, key):
         log.info("%s: up to date (same config and inputs, %s unchanged), skipping; --force redoes it", stage,
                  final_path)
         return final_path
@@ -200,10 +200,10 @@ def parse_grid(grid: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds: list[int], *,
+def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds: list[int], *, name: str = SWEEP,
                 resume: bool = False, force: bool = False, progress: bool = True) -> Path:
     """Distil `cfg.distill.method` at every point of `grid` (all combinations) and `none`, per seed, and compare them
-    on the validation split (held out of training; never the eval set): `<run>/sweep.{json,md,png}`.
+    on the validation split (held out of training; never the eval set): `<run>/<name>.{json,md,png}`.
 
     Students go to `<run>/sweep/<key><value>-...-seed<k>.pt`.
     """
@@ -215,7 +215,9 @@ def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds:
                                                                                        point.items()])
     title = (f"Sweep of {cfg.distill.method} on the validation split ({cfg.data.val_count} training images held "
              f"out), x{cfg.scale}, {cfg.model.student} from {teacher.name}, {cfg.train.iters} iterations per student")
-    return _study(cfg, run, teacher, variants, seeds, "sweep", SWEEP, title, validation_split(cfg), resume=resume,
+    if not name or Path(name).name != name:
+        raise UserError(f"--name must be a plain file name, got {name!r}")
+    return _study(cfg, run, teacher, variants, seeds, "sweep", name, title, validation_split(cfg), resume=resume,
                   force=force, progress=progress)
 
 
@@ -228,12 +230,13 @@ def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config],
                     folder)
     students: dict[str, dict[int, Path]] = {}
     for name, variant in variants.items():
-        slug = _slug(name)
+        slug = _slug(name, variant.distill.method)
         for seed in seeds:
-            one = dataclasses.replace(variant, seed=seed)
+            final = f"{folder}/{slug}-seed{seed}.pt"
+            interrupted = (run.path(final.removesuffix(".pt")) / "last.pt").exists()
             students.setdefault(name, {})[seed] = stage_distill(
-                one, run, teacher, final=f"{folder}/{slug}-seed{seed}.pt", resume=resume, force=force,
-                progress=progress)
+                dataclasses.replace(variant, seed=seed), run, teacher, final=final, resume=resume and interrupted,
+                force=force, progress=progress)
     if not is_main_process():
         return run.path(f"{stem}.json")
     results = _eval_models(cfg, {"teacher": teacher, **{f"{name} seed {seed}": path for name, by_seed in
@@ -260,11 +263,12 @@ def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config],
     return run.path(f"{stem}.json")
 
 
-def _slug(name: str) -> str:
-    """A file name for a variant: the method (ablate) or `key-value` pairs of the grid point (sweep)."""
+def _slug(name: str, method: str) -> str:
+    """A file name for a variant: its method (ablate), or its method and grid point (sweep: `facd-tau0.07`)."""
     if name in METHODS:
         return name
-    return "-".join(key.split(".")[-1] + value for key, value in (part.split("=", 1) for part in name.split(", ")))
+    return "-".join([method] + [key.split(".")[-1] + value for key, value in (part.split("=", 1)
+                                                                              for part in name.split(", "))])
 
 
 def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False) -> tuple[Path, Path]:

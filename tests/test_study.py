@@ -125,12 +125,17 @@ def test_ablate_with_one_seed_says_no_interval_can_be_given(tmp_path, tiny_teach
     report = json.loads((run / "ablation.json").read_text())
     assert [r["variant"] for r in report["rows"]] == ["none", "out"] and "ci_low" not in report["rows"][1]
     assert (run / "ablation.png").stat().st_size > 0
+    # --resume on a study continues interrupted students, skips finished ones and starts missing ones.
+    mtime = (run / "ablate" / "out-seed0.pt").stat().st_mtime_ns
+    assert main([*args, "--resume", "--seeds", "0", "1"]) == 0
+    assert (run / "ablate" / "out-seed0.pt").stat().st_mtime_ns == mtime and (run / "ablate" / "out-seed1.pt").exists()
 
 
 def test_sweep_trains_every_grid_point_and_compares_on_the_validation_split(tmp_path, tiny_teacher_file):
     run = tmp_path / "run"
-    args = ["-q", "sweep", "--run-dir", str(run), "--teacher", str(tiny_teacher_file), "--method", "out",
-            "--grid", "distill.lambda_out=0.5,2", "--seeds", "0", "1", *(x for kv in SMALL for x in ("--set", kv))]
+    base = ["-q", "sweep", "--run-dir", str(run), "--teacher", str(tiny_teacher_file), "--method", "out",
+            "--seeds", "0", "1", *(x for kv in SMALL for x in ("--set", kv))]
+    args = [*base, "--grid", "distill.lambda_out=0.5,2"]
     assert main(args) == 0
     report = json.loads((run / "sweep.json").read_text())
     assert [r["variant"] for r in report["rows"]] == ["none", "distill.lambda_out=0.5", "distill.lambda_out=2"]
@@ -139,9 +144,16 @@ def test_sweep_trains_every_grid_point_and_compares_on_the_validation_split(tmp_
     val_names = {f.stem for f in PairFolder("embedded-train", 4).split(3)[1].hr_files}
     assert {row["name"] for row in report["results"][0]["rows"]} == val_names
     assert sorted(p.name for p in (run / "sweep").glob("*.pt")) == [
-        "lambda_out0.5-seed0.pt", "lambda_out0.5-seed1.pt", "lambda_out2-seed0.pt", "lambda_out2-seed1.pt",
-        "none-seed0.pt", "none-seed1.pt"]
+        "none-seed0.pt", "none-seed1.pt", "out-lambda_out0.5-seed0.pt", "out-lambda_out0.5-seed1.pt",
+        "out-lambda_out2-seed0.pt", "out-lambda_out2-seed1.pt"]
+    # A second sweep reuses the students it shares with the first (here `none` and lambda_out=2).
+    mtime = (run / "sweep" / "none-seed0.pt").stat().st_mtime_ns
+    assert main([*base, "--grid", "distill.lambda_out=2,3", "--name", "more"]) == 0
+    assert (run / "sweep" / "none-seed0.pt").stat().st_mtime_ns == mtime
+    assert [r["variant"] for r in json.loads((run / "more.json").read_text())["rows"]][1:] == [
+        "distill.lambda_out=2", "distill.lambda_out=3"]
     assert main([*args, "--grid", "distill.nope=1"]) == 2
+    assert main([*args, "--name", "../x"]) == 2
 
 
 def test_summary_compares_teacher_and_student_on_one_backend(tmp_path, capsys):
