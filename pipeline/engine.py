@@ -32,8 +32,11 @@ _NO_CUDA_PYTHON = "cuda-python is not installed (pip install cuda-python, matchi
 PRESET_OUTPUT_HW = {"720p": (720, 1280), "1080p": (1080, 1920)}
 # The data types an engine of each precision must show: the INT8 plan is INT8 convolutions with an FP16 rest.
 REQUIRED_DTYPES = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"int8", "fp16"}}
-# How TensorRT spells data types in "Format/Datatype": "Half", "Int8", "Float", "Row major linear FP32",
-# "Channel major FP16 format where channel % 8 == 0", "Thirty-two wide channel vectorized row major Int8 format."
+# Where the inspector names a layer tensor's data type: TensorRT 10.x in "Format/Datatype" ("Half", "Int8", "Float",
+# "Row major linear FP32", "Channel major FP16 format where channel % 8 == 0", "Thirty-two wide channel vectorized
+# row major Int8 format."); TensorRT 11.x split that field into "Format" and a data type field, spelled "Datatype" in
+# NVIDIA's samples and "DataType" in the documentation ("Half", "Float", "Int8").
+_DTYPE_FIELDS = ("Format/Datatype", "Datatype", "DataType")
 _DTYPE_WORDS = {
     "int8": r"\bint8\b",
     "fp16": r"\b(half|fp16)\b",
@@ -79,14 +82,15 @@ def input_profile(input_shape: tuple[int, ...], shapes: dict[str, tuple[int, int
 
 def layer_dtypes(layer_info: str | dict[str, Any]) -> dict[str, int]:
     """How many layer inputs and outputs of each data type (fp32, fp16, bf16, fp8, int8) the engine inspector's
-    JSON lists (it names them only when the engine was built with ProfilingVerbosity.DETAILED)."""
+    JSON lists, in the schema of TensorRT 10.x or 11.x (it names them only when the engine was built with
+    ProfilingVerbosity.DETAILED)."""
     info = json.loads(layer_info or "{}") if isinstance(layer_info, str) else layer_info
     counts: dict[str, int] = {}
     for layer in info.get("Layers", []):
         if not isinstance(layer, dict):
             continue
         for tensor in layer.get("Inputs", []) + layer.get("Outputs", []):
-            text = str(tensor.get("Format/Datatype", ""))
+            text = next((str(tensor[field]) for field in _DTYPE_FIELDS if field in tensor), "")
             dtype = next((name for name, word in _DTYPE_WORDS.items() if re.search(word, text, re.IGNORECASE)), None)
             if dtype is not None:
                 counts[dtype] = counts.get(dtype, 0) + 1

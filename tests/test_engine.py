@@ -108,78 +108,117 @@ def test_input_profile_fills_batch_and_lr_sizes():
 
 # --- precision assertion on recorded inspector JSON ------------------------------------------------------------------
 
-def _tensor(name, fmt, dims=(1, 48, 180, 320)):
-    return {"Name": name, "Location": "Device", "Dimensions": list(dims), "Format/Datatype": fmt}
+# A tensor type as the inspector names it: (TensorRT 10.x "Format/Datatype", TensorRT 11.x data type field).
+FLOAT = ("Row major linear FP32", "Float")
+HALF = ("Channel major FP16 format where channel % 8 == 0", "Half")
+INT8_CHW32 = ("Thirty-two wide channel vectorized row major Int8 format.", "Int8")
+# TensorRT 10.x; TensorRT 11.x as NVIDIA's samples read it ("Datatype") and as its documentation spells it ("DataType").
+SCHEMAS = ("10.x", "11.x Datatype", "11.x DataType")
+
+
+def _tensor(schema, name, dtype, dims=(1, 48, 180, 320)):
+    tensor = {"Name": name, "Location": "Device", "Dimensions": list(dims)}
+    if schema == "10.x":
+        return {**tensor, "Format/Datatype": dtype[0]}
+    return {**tensor, "Format": dtype[0], schema.split()[1]: dtype[1]}
 
 
 def _layer(name, layer_type, inputs, outputs, **params):
     return {"Name": name, "LayerType": layer_type, "Inputs": inputs, "Outputs": outputs, **params}
 
 
-def _engine_json(act, conv_in, weights, io=("Row major linear FP32", "Row major linear FP32")):
-    """Layer information as IEngineInspector prints it (JSON, ProfilingVerbosity.DETAILED) for a strongly typed
-    EDSR-like student: input cast, head conv, body conv + ReLU, DepthToSpace, output cast."""
+def _io_tensors(schema):
+    """10.x: "Bindings", a list of names; 11.x: "I/O Tensors", one object per tensor."""
+    if schema == "10.x":
+        return {"Bindings": ["lr", "sr"]}
+    return {"I/O Tensors": [
+        {"Name": name, "IOMode": mode, "DataType": "Float", "Dimensions": [-1, 3, -1, -1], "Location": "Device",
+         "IsShapeInferenceIO": False} for name, mode in (("lr", "Input"), ("sr", "Output"))]}
+
+
+def _engine_json(schema, act, conv_in, weights, io=(FLOAT, FLOAT)):
+    """Layer information as IEngineInspector prints it (JSON, ProfilingVerbosity.DETAILED) in `schema` for a strongly
+    typed EDSR-like student: input cast, head conv, body conv + ReLU, DepthToSpace, output cast."""
+    def t(name, dtype, dims=(1, 48, 180, 320)):
+        return _tensor(schema, name, dtype, dims)
+
     return {
         "Layers": [
-            _layer("/cast_lr", "Reformat", [_tensor("lr", io[0], (1, 3, 180, 320))],
-                   [_tensor("lr_fp16", act, (1, 3, 180, 320))], ParameterType="Reformat", Origin="CAST"),
-            _layer("/head/Conv", "CaskConvolution", [_tensor("lr_fp16", conv_in, (1, 3, 180, 320))],
-                   [_tensor("/head/Conv_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+            _layer("/cast_lr", "Reformat", [t("lr", io[0], (1, 3, 180, 320))],
+                   [t("lr_fp16", act, (1, 3, 180, 320))], ParameterType="Reformat", Origin="CAST"),
+            _layer("/head/Conv", "CaskConvolution", [t("lr_fp16", conv_in, (1, 3, 180, 320))],
+                   [t("/head/Conv_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
                    Weights={"Type": weights, "Count": 1296}, Bias={"Type": weights, "Count": 48},
                    TacticName="sm80_xmma_fprop_implicit_gemm_tilesize64x32x64_stage5"),
-            _layer("/body/0/Conv + /body/0/Relu", "CaskConvolution", [_tensor("/head/Conv_output_0", conv_in)],
-                   [_tensor("/body/0/Relu_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+            _layer("/body/0/Conv + /body/0/Relu", "CaskConvolution", [t("/head/Conv_output_0", conv_in)],
+                   [t("/body/0/Relu_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
                    Weights={"Type": weights, "Count": 20736}, HasReLU=1),
-            _layer("/tail/DepthToSpace", "Shuffle", [_tensor("/body/0/Relu_output_0", act)],
-                   [_tensor("sr_fp16", act, (1, 3, 720, 1280))], ParameterType="Shuffle"),
-            _layer("/cast_sr", "Cast", [_tensor("sr_fp16", act, (1, 3, 720, 1280))],
-                   [_tensor("sr", io[1], (1, 3, 720, 1280))], ParameterType="Cast"),
+            _layer("/tail/DepthToSpace", "Shuffle", [t("/body/0/Relu_output_0", act)],
+                   [t("sr_fp16", act, (1, 3, 720, 1280))], ParameterType="Shuffle"),
+            _layer("/cast_sr", "Cast", [t("sr_fp16", act, (1, 3, 720, 1280))],
+                   [t("sr", io[1], (1, 3, 720, 1280))], ParameterType="Cast"),
         ],
-        "Bindings": ["lr", "sr"],
+        **_io_tensors(schema),
     }
 
 
-FP32_ENGINE = _engine_json("Row major linear FP32", "Row major linear FP32", "Float")
-FP16_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
-                           "Channel major FP16 format where channel % 8 == 0", "Half")
-INT8_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
-                           "Thirty-two wide channel vectorized row major Int8 format.", "Int8")
-INT8_FP32_REST = _engine_json("Row major linear FP32", "Int8", "Int8")  # QDQ with the rest left FP32
-MYELIN_FP16 = {"Layers": [_layer("__myl_CastConvAddRelu", "kgen", [_tensor("lr", "Float")],
-                                 [_tensor("feat", "Half")]),
-                          _layer("__myl_DepthToSpaceCast", "kgen", [_tensor("feat", "Half")],
-                                 [_tensor("sr", "Float")])]}
+def engines(schema):
+    """Inspector output of each kind of engine in `schema`."""
+    return {
+        "fp32": _engine_json(schema, FLOAT, FLOAT, "Float"),
+        "fp16": _engine_json(schema, HALF, HALF, "Half"),
+        "int8": _engine_json(schema, HALF, INT8_CHW32, "Int8"),
+        "int8 fp32 rest": _engine_json(schema, FLOAT, ("Int8", "Int8"), "Int8"),  # QDQ with the rest left FP32
+        "myelin fp16": {"Layers": [
+            _layer("__myl_CastConvAddRelu", "kgen", [_tensor(schema, "lr", ("Float", "Float"))],
+                   [_tensor(schema, "feat", ("Half", "Half"))]),
+            _layer("__myl_DepthToSpaceCast", "kgen", [_tensor(schema, "feat", ("Half", "Half"))],
+                   [_tensor(schema, "sr", ("Float", "Float"))])]},
+    }
 
 
-def test_layer_dtypes_reads_tensorrt_spellings():
-    assert layer_dtypes(FP16_ENGINE) == {"fp32": 2, "fp16": 8}
-    assert layer_dtypes(json.dumps(INT8_ENGINE)) == {"fp32": 2, "fp16": 6, "int8": 2}
-    assert layer_dtypes(MYELIN_FP16) == {"fp32": 2, "fp16": 2}
-    assert layer_dtypes({"Layers": [_layer("x", "kgen", [_tensor("a", "BFloat16")], [_tensor("b", "FP8")])]}) == {
-        "bf16": 1, "fp8": 1}
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_layer_dtypes_reads_tensorrt_spellings(schema):
+    found = engines(schema)
+    assert layer_dtypes(found["fp16"]) == {"fp32": 2, "fp16": 8}
+    assert layer_dtypes(json.dumps(found["int8"])) == {"fp32": 2, "fp16": 6, "int8": 2}
+    assert layer_dtypes(found["myelin fp16"]) == {"fp32": 2, "fp16": 2}
+    odd = {"Layers": [_layer("x", "kgen", [_tensor(schema, "a", ("BFloat16", "BFloat16"))],
+                             [_tensor(schema, "b", ("FP8", "FP8"))])]}
+    assert layer_dtypes(odd) == {"bf16": 1, "fp8": 1}
 
 
-def test_fp16_engine_passes():
-    assert assert_engine_precision(json.dumps(FP16_ENGINE), "fp16")["fp16"] == 8
-    assert assert_engine_precision(MYELIN_FP16, "fp16")
+def test_tensorrt_11_data_type_field_wins_over_the_format():
+    tensor = {"Name": "feat", "Format": "Row major linear FP32 format (kLINEAR)", "DataType": "Half"}
+    assert layer_dtypes({"Layers": [_layer("x", "Shuffle", [tensor], [])]}) == {"fp16": 1}
 
 
-def test_fp32_engine_labelled_fp16_fails():
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_fp16_engine_passes(schema):
+    assert assert_engine_precision(json.dumps(engines(schema)["fp16"]), "fp16")["fp16"] == 8
+    assert assert_engine_precision(engines(schema)["myelin fp16"], "fp16")
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_fp32_engine_labelled_fp16_fails(schema):
     with pytest.raises(UserError, match="FP16 engine has no FP16 layers"):
-        assert_engine_precision(FP32_ENGINE, "fp16")
+        assert_engine_precision(engines(schema)["fp32"], "fp16")
 
 
-def test_int8_plan_needs_int8_and_an_fp16_rest():
-    assert assert_engine_precision(INT8_ENGINE, "int8")["int8"] == 2
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_int8_plan_needs_int8_and_an_fp16_rest(schema):
+    found = engines(schema)
+    assert assert_engine_precision(found["int8"], "int8")["int8"] == 2
     with pytest.raises(UserError, match="INT8 engine has no INT8 layers"):
-        assert_engine_precision(FP16_ENGINE, "int8")
+        assert_engine_precision(found["fp16"], "int8")
     with pytest.raises(UserError, match="INT8 engine has no FP16 layers"):
-        assert_engine_precision(INT8_FP32_REST, "int8")
+        assert_engine_precision(found["int8 fp32 rest"], "int8")
 
 
-def test_layer_names_only_cannot_confirm_precision():
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_layer_names_only_cannot_confirm_precision(schema):
     with pytest.raises(UserError, match="DETAILED"):
-        assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], "Bindings": ["lr", "sr"]}, "fp16")
+        assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], **_io_tensors(schema)}, "fp16")
 
 
 # --- sidecars --------------------------------------------------------------------------------------------------------
