@@ -137,7 +137,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str | None:
     """Why the plan that `sidecar` describes cannot run on the device `here` describes (`device_info()`), or None.
     The GPU (name and compute capability) must match; the TensorRT version too, unless the plan is
-    version-compatible and this TensorRT is the same or newer."""
+    version-compatible and this TensorRT is the same or newer within the plan's major version or the next one
+    (TensorRT runs a 10.x version-compatible plan on 10.x and 11.x, not on 12.x)."""
     built_gpu = f"{sidecar.get('gpu')} (compute capability {sidecar.get('compute_capability')})"
     here_gpu = f"{here['gpu']} (compute capability {here['compute_capability']})"
     if built_gpu != here_gpu:
@@ -147,9 +148,10 @@ def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str |
         return None
     if not sidecar.get("version_compatible"):
         return f"was built with TensorRT {built}, this is TensorRT {running}"
-    if _version_tuple(running) < _version_tuple(built):
-        return (f"was built version-compatible with TensorRT {built}, which only the same or newer TensorRT runs; "
-                f"this is TensorRT {running}")
+    built_v, running_v = _version_tuple(built), _version_tuple(running)
+    if running_v < built_v or running_v[0] > built_v[0] + 1:
+        return (f"was built version-compatible with TensorRT {built}, which only TensorRT {built} or newer up to "
+                f"TensorRT {built_v[0] + 1}.x runs; this is TensorRT {running}")
     return None
 
 

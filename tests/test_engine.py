@@ -255,7 +255,17 @@ def test_other_tensorrt_is_refused_unless_version_compatible_and_newer():
     assert plan_incompatibility(_sidecar(tensorrt="10.3.0", version_compatible=True),
                                 {**HERE, "tensorrt": "11.0.0"}) is None
     older = plan_incompatibility(_sidecar(tensorrt="10.13.0", version_compatible=True), HERE)
-    assert older is not None and "same or newer" in older
+    assert older is not None and "TensorRT 10.13.0 or newer" in older
+
+
+@pytest.mark.parametrize(("running", "runs"), [("11.1.0", True), ("11.9.2", True), ("12.0.0", False),
+                                               ("13.1.0", False)])
+def test_version_compatible_plan_runs_on_the_next_major_only(running, runs):
+    problem = plan_incompatibility(_sidecar(tensorrt="10.3.0", version_compatible=True), {**HERE, "tensorrt": running})
+    assert (problem is None) == runs
+    if not runs:
+        assert problem == (f"was built version-compatible with TensorRT 10.3.0, which only TensorRT 10.3.0 or newer "
+                           f"up to TensorRT 11.x runs; this is TensorRT {running}")
 
 
 def test_read_sidecar_errors_say_to_rebuild(tmp_path):
