@@ -319,8 +319,8 @@ def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str,
     if sec.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache_path = Path(sec.timing_cache).expanduser() if sec.timing_cache else None
-    if cache_path is not None:
-        _attach_timing_cache(config, cache_path)
+    if cache_path is not None and not _attach_timing_cache(config, cache_path):
+        cache_path = None  # an unusable file stays as it is
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -345,11 +345,24 @@ def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str,
         _save_timing_cache(config, cache_path)
 
 
-def _attach_timing_cache(config: Any, path: Path) -> None:
-    blob = path.read_bytes() if path.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(blob), False):
-        log.warning("timing cache %s does not fit this GPU or TensorRT; starting an empty one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+def _attach_timing_cache(config: Any, path: Path) -> bool:
+    """Give the build the timing cache in `path` (a missing file: an empty cache); True when the build's cache may
+    be saved to `path`. A file TensorRT cannot use (corrupt, or from another GPU or TensorRT version) gets a warning
+    and an empty cache instead, and False: the file is left as it is."""
+    try:
+        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        if cache is None:
+            problem = "TensorRT cannot read it"
+        elif not config.set_timing_cache(cache, False):
+            problem = "it does not fit this GPU or TensorRT"
+        else:
+            return True
+    except Exception as e:  # noqa: BLE001 - an unreadable file (OSError), or TensorRT rejecting its bytes
+        problem = f"{type(e).__name__}: {e}"
+    log.warning("timing cache %s is unusable (%s); this build starts an empty one and leaves the file as it is "
+                "(delete it to let builds save a new one)", path, problem)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return False
 
 
 def _save_timing_cache(config: Any, path: Path) -> None:

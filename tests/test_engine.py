@@ -5,9 +5,11 @@ INT8 / FP32 models compared with ONNX Runtime where TensorRT and a GPU are prese
 import dataclasses
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import typing
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from pipeline.engine import (
     sidecar_path,
     trt_status,
 )
+from pipeline import engine
 from pipeline.errors import UserError
 
 TRT_OK, TRT_WHY = trt_status()
@@ -335,6 +338,95 @@ def test_build_and_run_need_tensorrt(tmp_path):
 def test_build_checks_the_precision_before_tensorrt(tmp_path):
     with pytest.raises(UserError, match="unknown engine precision bf16"):
         build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
+
+
+# --- building with TensorRT replaced by a fake (its calls as the bindings define them) ---------------------------------
+
+GOOD_CACHE = b"TRT timing cache for this GPU"
+
+
+def fake_tensorrt(layer_info, cache_problem=None):
+    """A `tensorrt` module whose build succeeds with `layer_info` from the engine inspector. Timing caches as the
+    bindings treat them: `create_timing_cache(bytes)` returns an ITimingCache (here: for b"" and GOOD_CACHE; for other
+    bytes per `cache_problem`: "raises", "none", or "mismatch" = a cache that set_timing_cache(cache, False) refuses
+    with False), `set_timing_cache(None, ...)` raises TypeError (pybind11: incompatible function arguments)."""
+    trt = mock.MagicMock(name="tensorrt")
+    builder = trt.Builder.return_value
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    network = builder.create_network.return_value
+    network.num_inputs = network.num_outputs = 1
+    network.get_input.return_value.shape = (-1, 3, -1, -1)
+    network.get_input.return_value.name = "lr"
+    builder.build_serialized_network.return_value = b"serialized plan"
+    inspector = trt.Runtime.return_value.deserialize_cuda_engine.return_value.create_engine_inspector.return_value
+    inspector.get_engine_information.return_value = json.dumps(layer_info)
+    config = builder.create_builder_config.return_value
+
+    def create_timing_cache(blob):
+        if blob in (b"", GOOD_CACHE):
+            return mock.sentinel.fitting_cache if blob else mock.sentinel.empty_cache
+        if cache_problem == "raises":
+            raise RuntimeError("Failed to deserialize the timing cache")
+        return None if cache_problem == "none" else mock.sentinel.foreign_cache
+
+    def set_timing_cache(cache, ignore_mismatch):
+        if cache is None:
+            raise TypeError("set_timing_cache(): incompatible function arguments")
+        return cache is not mock.sentinel.foreign_cache or ignore_mismatch
+
+    config.create_timing_cache.side_effect = create_timing_cache
+    config.set_timing_cache.side_effect = set_timing_cache
+    config.get_timing_cache.return_value.serialize.return_value = b"the timing cache after this build"
+    return trt
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    monkeypatch.setattr(engine, "trt_status", lambda: (True, "TensorRT 11.1.0 on a fake GPU"))
+    monkeypatch.setattr(engine, "device_info", lambda: {**HERE, "tensorrt": "11.1.0"})
+
+
+def _fake_build(monkeypatch, tmp_path, trt, cache_bytes=None):
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = tmp_path / "student.fp16.onnx"
+    onnx_path.write_bytes(b"model")
+    cache = tmp_path / "trt-timing.cache"
+    if cache_bytes is not None:
+        cache.write_bytes(cache_bytes)
+    plans = build_engines({"fp16": onnx_path}, tmp_path, dataclasses.replace(SMALL, timing_cache=str(cache)), 2)
+    return plans, cache
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_build_writes_the_plan_when_the_inspector_shows_fp16(fake_device, monkeypatch, tmp_path, schema):
+    (plan,), _ = _fake_build(monkeypatch, tmp_path, fake_tensorrt(engines(schema)["fp16"]))
+    assert plan.read_bytes() == b"serialized plan"
+    assert read_sidecar(plan)["tensor_dtypes"] == {"fp32": 2, "fp16": 8}
+
+
+@pytest.mark.parametrize("problem", ["raises", "none", "mismatch"])
+def test_unusable_timing_cache_gives_an_empty_one_and_stays_as_it_is(fake_device, monkeypatch, tmp_path, caplog,
+                                                                    problem):
+    trt = fake_tensorrt(engines("10.x")["fp16"], cache_problem=problem)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        (plan,), cache = _fake_build(monkeypatch, tmp_path, trt, cache_bytes=b"\x00garbage\xff" * 10)
+    assert plan.read_bytes() == b"serialized plan"
+    config = trt.Builder.return_value.create_builder_config.return_value
+    assert config.set_timing_cache.call_args == mock.call(mock.sentinel.empty_cache, False)
+    assert "is unusable" in caplog.text and "leaves the file as it is" in caplog.text
+    assert cache.read_bytes() == b"\x00garbage\xff" * 10
+
+
+@pytest.mark.parametrize("cache_bytes", [None, GOOD_CACHE])
+def test_usable_or_missing_timing_cache_is_saved_after_the_build(fake_device, monkeypatch, tmp_path, caplog,
+                                                                 cache_bytes):
+    trt = fake_tensorrt(engines("10.x")["fp16"], cache_problem="raises")
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        _, cache = _fake_build(monkeypatch, tmp_path, trt, cache_bytes=cache_bytes)
+    config = trt.Builder.return_value.create_builder_config.return_value
+    used = mock.sentinel.fitting_cache if cache_bytes else mock.sentinel.empty_cache
+    assert config.set_timing_cache.call_args_list == [mock.call(used, False)]
+    assert cache.read_bytes() == b"the timing cache after this build" and "unusable" not in caplog.text
 
 
 # --- TensorRT on a GPU -----------------------------------------------------------------------------------------------
