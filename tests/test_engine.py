@@ -2,7 +2,9 @@
 JSON, sidecar compatibility, lazy imports, the runner's sidecar handling), and real builds and runs of tiny FP16 /
 INT8 / FP32 models compared with ONNX Runtime where TensorRT and a GPU are present (skipped elsewhere, with why)."""
 
+import ctypes
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -30,6 +32,7 @@ from pipeline.engine import (
     trt_status,
 )
 from pipeline import engine
+from pipeline.backends import trt_runner
 from pipeline.errors import UserError
 
 TRT_OK, TRT_WHY = trt_status()
@@ -427,6 +430,146 @@ def test_usable_or_missing_timing_cache_is_saved_after_the_build(fake_device, mo
     used = mock.sentinel.fitting_cache if cache_bytes else mock.sentinel.empty_cache
     assert config.set_timing_cache.call_args_list == [mock.call(used, False)]
     assert cache.read_bytes() == b"the timing cache after this build" and "unusable" not in caplog.text
+
+
+# --- running with TensorRT and cuda-python replaced by fakes ----------------------------------------------------------
+
+class FakeCudart:
+    """cuda-python's runtime calls the runner makes, `(error, *values)` as cuda-python returns them; "device" memory
+    is host memory, so that copies are real."""
+
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.buffers = {}
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaFree(self, pointer):  # noqa: N802
+        del self.buffers[pointer]
+        return (0,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaEventCreate(self):  # noqa: N802
+        return 0, object()
+
+    def cudaEventElapsedTime(self, start, end):  # noqa: N802
+        return 0, 0.25
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return 0, b"cudaErrorUnknown"
+
+    def __getattr__(self, name):  # cudaStreamSynchronize, cudaStreamDestroy, cudaEventRecord, ...: succeed
+        return lambda *args: (0,)
+
+
+class FakeContext:
+    """An IExecutionContext of a x`scale` nearest-neighbour engine with input "lr" and output "sr": set_input_shape
+    returns False outside the profile (or for a shape in `refuse`), set_tensor_address False when `refuse_address`."""
+
+    def __init__(self, profile, scale, refuse=(), refuse_address=False):
+        self.profile, self.scale, self.refuse, self.refuse_address = profile, scale, refuse, refuse_address
+        self.shapes, self.addresses, self.shape = [], {}, None
+
+    def set_input_shape(self, name, shape):
+        shape = tuple(shape)
+        self.shapes.append(shape)
+        low, _, high = self.profile
+        ok = name == "lr" and shape not in self.refuse and all(lo <= v <= hi for lo, v, hi in zip(low, shape, high))
+        if ok:
+            self.shape = shape
+        return ok
+
+    def get_tensor_shape(self, name):
+        n, c, h, w = self.shape
+        return self.shape if name == "lr" else (n, c, h * self.scale, w * self.scale)
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = pointer
+        return not self.refuse_address
+
+    def execute_async_v3(self, stream):
+        size = int(np.prod(self.shape))
+        x = np.frombuffer((ctypes.c_float * size).from_address(self.addresses["lr"]), np.float32).reshape(self.shape)
+        out = x.repeat(self.scale, axis=2).repeat(self.scale, axis=3)
+        ctypes.memmove(self.addresses["sr"], out.ctypes.data, out.nbytes)
+        return True
+
+
+@pytest.fixture
+def fake_runner(monkeypatch, tmp_path):
+    """A TrtRunner factory over fake TensorRT and cuda-python: a x2 engine with profile 1x3x16x16 .. 2x3x64x64."""
+    profile = [(1, 3, 16, 16), (2, 3, 48, 48), (2, 3, 64, 64)]
+    cudart = FakeCudart()
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_runner, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_runner, "trt_status", lambda: (True, "TensorRT 10.3.0 on a fake GPU"))
+    monkeypatch.setattr(trt_runner, "device_info", lambda: HERE)
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"serialized plan")
+    sidecar_path(plan).write_text(json.dumps(_sidecar(scale=2, plan_sha256=hashlib.sha256(b"serialized plan")
+                                                      .hexdigest(), profile={"min": [16, 16], "opt": [48, 48],
+                                                                             "max": [64, 64]})))
+
+    def make(**context_options):
+        trt = mock.MagicMock(name="tensorrt")
+        trt.nptype.return_value = np.float32
+        found = trt.Runtime.return_value.deserialize_cuda_engine.return_value
+        found.num_io_tensors = 2
+        found.get_tensor_name.side_effect = ["lr", "sr"].__getitem__
+        found.get_tensor_mode.side_effect = lambda name: trt.TensorIOMode.INPUT if name == "lr" else "output"
+        found.get_tensor_profile_shape.return_value = profile
+        found.create_execution_context.return_value = FakeContext(profile, 2, **context_options)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        runner = TrtRunner(plan, buffers="cuda-python")
+        runner.activate()
+        return runner, found.create_execution_context.return_value
+
+    return make
+
+
+def test_fake_engine_runs_with_padding_below_the_profile_minimum(fake_runner):
+    runner, context = fake_runner()
+    x = np.random.default_rng(3).random((1, 3, 9, 12), dtype=np.float32)
+    sr = runner.forward(x)
+    np.testing.assert_array_equal(sr, x.repeat(2, axis=2).repeat(2, axis=3))
+    assert context.shapes == [(2, 3, 64, 64), (1, 3, 16, 16)]  # the buffers' maximum, then the padded input
+    runner.deactivate()
+
+
+def test_gpu_times_prepare_the_input_as_forward_does(fake_runner):
+    runner, context = fake_runner()
+    assert runner.gpu_times_ms(np.zeros((1, 3, 9, 12), np.float32), iters=3) == [0.25] * 3
+    assert context.shapes[1:] == [(1, 3, 16, 16)]
+    with pytest.raises(ValueError, match="outside the engine profile"):
+        runner.gpu_times_ms(np.zeros((1, 3, 65, 64), np.float32), iters=1)
+    assert context.shapes[1:] == [(1, 3, 16, 16)]  # nothing set for the input outside the profile
+
+
+def test_a_refused_input_shape_raises_naming_the_tensor_and_the_shape(fake_runner):
+    runner, _ = fake_runner(refuse=[(1, 3, 20, 24)])
+    with pytest.raises(RuntimeError, match=r"refused the shape \(1, 3, 20, 24\) for input 'lr' of student.fp16.plan"):
+        runner.forward(np.zeros((1, 3, 20, 24), np.float32))
+    with pytest.raises(RuntimeError, match=r"refused the shape \(1, 3, 20, 24\) for input 'lr'"):
+        runner.gpu_times_ms(np.zeros((1, 3, 20, 24), np.float32), iters=1)
+
+
+def test_a_refused_tensor_address_raises_naming_the_tensor(fake_runner):
+    with pytest.raises(RuntimeError, match="refused the device address 0x[0-9a-f]+ for tensor 'lr' of student.fp16"):
+        fake_runner(refuse_address=True)
 
 
 # --- TensorRT on a GPU -----------------------------------------------------------------------------------------------
