@@ -14,11 +14,13 @@ can crash the process without a working CUDA device).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from pipeline.rundir import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
-_NO_CUDA_PYTHON = "cuda-python is not installed (pip install cuda-python, matching the CUDA major version)"
+_NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python>=12,<13' for a CUDA 12 driver, e.g. "
+                   "JetPack 6; 'cuda-python>=13,<14' for CUDA 13)")
 PRESET_OUTPUT_HW = {"720p": (720, 1280), "1080p": (1080, 1920)}
 # The data types an engine of each precision must show: the INT8 plan is INT8 convolutions with an FP16 rest.
 REQUIRED_DTYPES = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"int8", "fp16"}}
@@ -196,6 +199,26 @@ def device_info() -> dict[str, str]:
     return {"tensorrt": trt.__version__, **cuda_device_info()}
 
 
+def cuda_python_version() -> str | None:
+    """The installed cuda-python's version (the metapackage; its `cuda-bindings` where only that is installed)."""
+    for name in ("cuda-python", "cuda-bindings"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
+
+
+def _driver_problem(rt: Any) -> str | None:
+    """Why the CUDA driver cannot serve cuda-python's runtime `rt`: no driver, or a driver for an older CUDA major
+    (cuda-python 13 on a CUDA 12 driver fails with cudaErrorInsufficientDriver); None when it can."""
+    driver, runtime = cuda_call(rt.cudaDriverGetVersion()), cuda_call(rt.cudaRuntimeGetVersion())
+    if driver == 0:
+        return "no NVIDIA driver"
+    if driver // 1000 < runtime // 1000:
+        return (f"the driver supports CUDA {_cuda_version(driver)}; cuda-python {cuda_python_version()} needs CUDA "
+                f"{runtime // 1000}: install cuda-python<{driver // 1000 + 1}")
+    return None
+
+
 def cuda_probe() -> tuple[bool, str]:
     """(True, "") when cuda-python sees a usable CUDA device, else (False, why not); safe without a GPU."""
     try:
@@ -207,7 +230,9 @@ def cuda_probe() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - e.g. cuda-python 13 failing to load libcudart
         return False, f"cuda-python cannot reach the CUDA runtime ({type(e).__name__}: {e})"
     if err != rt.cudaError_t.cudaSuccess:
-        return False, f"no CUDA device (cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()})"
+        why = f"cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()}"
+        problem = _driver_problem(rt)
+        return False, f"{problem} ({why})" if problem else f"no CUDA device ({why})"
     if count == 0:
         return False, "no CUDA device (cudaGetDeviceCount: 0 devices)"
     try:

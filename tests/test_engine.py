@@ -41,7 +41,7 @@ no_tensorrt_installed = pytest.mark.skipif(importlib.util.find_spec("tensorrt") 
                                            reason="tensorrt is installed here")
 
 
-# --- profiles and config ---------------------------------------------------------------------------------------------
+# --- profiles and config ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("profile", "scale", "lr_hw"), [
     ("720p", 4, (180, 320)), ("720p", 3, (240, 427)), ("720p", 2, (360, 640)),
@@ -112,7 +112,7 @@ def test_input_profile_fills_batch_and_lr_sizes():
         input_profile((-1, 3, 64, 64), shapes, 1)
 
 
-# --- precision assertion on recorded inspector JSON ------------------------------------------------------------------
+# --- precision assertion on recorded inspector JSON -------------------------------------------------------------------
 
 # A tensor type as the inspector names it: (TensorRT 10.x "Format/Datatype", TensorRT 11.x data type field).
 FLOAT = ("Row major linear FP32", "Float")
@@ -227,7 +227,7 @@ def test_layer_names_only_cannot_confirm_precision(schema):
         assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], **_io_tensors(schema)}, "fp16")
 
 
-# --- sidecars --------------------------------------------------------------------------------------------------------
+# --- sidecars ---------------------------------------------------------------------------------------------------------
 
 HERE = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6",
         "cuda_driver": "12.6"}
@@ -300,7 +300,7 @@ def test_runner_takes_scale_precision_and_tiling_from_the_sidecar(tmp_path):
         TrtRunner(plan, batch=3)
 
 
-# --- probing without TensorRT ----------------------------------------------------------------------------------------
+# --- probing without TensorRT -----------------------------------------------------------------------------------------
 
 def test_importing_engine_modules_loads_neither_tensorrt_nor_cuda_python():
     code = ("import sys, pipeline.engine, pipeline.backends.trt_runner, pipeline.doctor; "
@@ -343,7 +343,7 @@ def test_build_checks_the_precision_before_tensorrt(tmp_path):
         build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
 
 
-# --- building with TensorRT replaced by a fake (its calls as the bindings define them) ---------------------------------
+# --- building with TensorRT replaced by a fake (its calls as the bindings define them) --------------------------------
 
 GOOD_CACHE = b"TRT timing cache for this GPU"
 
@@ -572,7 +572,71 @@ def test_a_refused_tensor_address_raises_naming_the_tensor(fake_runner):
         fake_runner(refuse_address=True)
 
 
-# --- TensorRT on a GPU -----------------------------------------------------------------------------------------------
+# --- cuda-python against the driver -----------------------------------------------------------------------------------
+
+class DriverCudart(FakeCudart):
+    """cuda-python's runtime as it answers on a machine whose driver supports CUDA `driver` (12060 = 12.6; 0 = no
+    driver) when its own runtime is CUDA `runtime` and cudaGetDeviceCount fails with `error`."""
+
+    class cudaError_t:  # noqa: N801
+        cudaSuccess, cudaErrorInsufficientDriver, cudaErrorNoDevice = 0, 35, 100
+
+    def __init__(self, driver, runtime, error):
+        super().__init__()
+        self.driver, self.runtime, self.error = driver, runtime, error
+
+    def cudaDriverGetVersion(self):  # noqa: N802
+        return 0, self.driver
+
+    def cudaRuntimeGetVersion(self):  # noqa: N802
+        return 0, self.runtime
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return self.error, None
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return 0, {35: b"cudaErrorInsufficientDriver", 100: b"cudaErrorNoDevice"}[err]
+
+
+JETPACK6_WITH_CUDA_PYTHON_13 = ("the driver supports CUDA 12.6; cuda-python 13.0.3 needs CUDA 13: install "
+                                "cuda-python<13 (cudaGetDeviceCount: cudaErrorInsufficientDriver)")
+
+
+@pytest.fixture
+def cuda_python_13_on_a_cuda_12_driver(monkeypatch):
+    cudart = DriverCudart(12060, 13000, 35)
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(engine, "cuda_python_version", lambda: "13.0.3")
+
+
+def test_cuda_python_newer_than_the_driver_says_which_to_install(cuda_python_13_on_a_cuda_12_driver, monkeypatch):
+    assert cuda_probe() == (False, JETPACK6_WITH_CUDA_PYTHON_13)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(name="tensorrt"))
+    assert trt_status() == (False, JETPACK6_WITH_CUDA_PYTHON_13)
+
+
+def test_doctor_names_the_cuda_python_and_driver_mismatch(cuda_python_13_on_a_cuda_12_driver, monkeypatch):
+    from pipeline.doctor import doctor_report, format_doctor
+
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(name="tensorrt", __version__="10.3.0"))
+    report = doctor_report()
+    assert report["cuda_python"] == {"version": "13.0.3", "usable": False, "detail": JETPACK6_WITH_CUDA_PYTHON_13}
+    assert f"cuda-python        13.0.3 ({JETPACK6_WITH_CUDA_PYTHON_13})" in format_doctor(report)
+    assert report["enables"]["TensorRT engines"] == f"no ({JETPACK6_WITH_CUDA_PYTHON_13}) -> verify uses ONNX Runtime"
+
+
+@pytest.mark.parametrize(("driver", "runtime", "error", "why"), [
+    (0, 13000, 35, "no NVIDIA driver (cudaGetDeviceCount: cudaErrorInsufficientDriver)"),
+    (12060, 12090, 100, "no CUDA device (cudaGetDeviceCount: cudaErrorNoDevice)"),
+    (13000, 12060, 100, "no CUDA device (cudaGetDeviceCount: cudaErrorNoDevice)"),
+])
+def test_other_cuda_failures_keep_their_reason(monkeypatch, driver, runtime, error, why):
+    cudart = DriverCudart(driver, runtime, error)
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    assert cuda_probe() == (False, why)
+
+
+# --- TensorRT on a GPU ------------------------------------------------------------------------------------------------
 
 def tiny_sr_onnx(path, precision, scale=2, seed=0):
     """A one-conv x`scale` SR model `lr` -> `sr` (float32 NCHW, dynamic N/H/W) typed like our exports: fp32; fp16
