@@ -161,7 +161,8 @@ def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str |
 # --- CUDA and TensorRT (lazy imports) --------------------------------------------------------------------------------
 
 def import_cudart() -> Any:
-    """cuda-python's runtime module (`cuda.bindings.runtime`; `cuda.cudart` before cuda-python 12.6)."""
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python 12.6.2.post1 and later), else `cuda.cudart`
+    (12.6.0 and older have only that)."""
     try:
         from cuda.bindings import runtime
     except ImportError:
