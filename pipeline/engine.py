@@ -22,11 +22,14 @@ import re
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EngineSection, parse_size
 from pipeline.errors import UserError
 from pipeline.rundir import atomic_path, sha256_file, write_json_atomic
+
+if TYPE_CHECKING:  # the type stubs only; TensorRT itself is imported where it is used
+    import tensorrt as trt
 
 log = logging.getLogger("pipeline")
 
@@ -371,7 +374,7 @@ def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str,
         _save_timing_cache(config, cache_path)
 
 
-def _attach_timing_cache(config: Any, path: Path) -> bool:
+def _attach_timing_cache(config: trt.IBuilderConfig, path: Path) -> bool:
     """Give the build the timing cache in `path` (a missing file: an empty cache); True when the build's cache may
     be saved to `path`. A file TensorRT cannot use (corrupt, or from another GPU or TensorRT version) gets a warning
     and an empty cache instead, and False: the file is left as it is."""
@@ -391,7 +394,7 @@ def _attach_timing_cache(config: Any, path: Path) -> bool:
     return False
 
 
-def _save_timing_cache(config: Any, path: Path) -> None:
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(config.get_timing_cache().serialize())

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from pipeline.backends.base import Runner
 from pipeline.engine import cuda_call, device_info, import_cudart, plan_incompatibility, read_sidecar, trt_status
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # the type stubs only; TensorRT itself is imported in activate()
+    import tensorrt as trt
 
 
 class _CudaPythonMemory:
@@ -100,7 +103,7 @@ class TrtRunner(Runner):
         self.precision = self.sidecar["precision"]
         self.name = f"tensorrt-{self.precision}"
         self.buffers = buffers
-        self._engine: Any = None
+        self._engine: trt.ICudaEngine | None = None
 
     def activate(self) -> None:
         ok, why = trt_status()
@@ -145,7 +148,8 @@ class TrtRunner(Runner):
         if self._engine is None:
             return
         self._memory.close()
-        self._context = self._memory = self._engine = self._runtime = None
+        del self._context, self._memory, self._runtime
+        self._engine = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         _, _, h, w = x.shape
