@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import subprocess
 import sys
 import typing
@@ -16,6 +17,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from pipeline import engine
+from pipeline.backends import trt_runner
 from pipeline.backends.base import latency
 from pipeline.backends.trt_runner import TrtRunner
 from pipeline.config import EngineSection, load_config, validate_engine_section
@@ -31,8 +34,6 @@ from pipeline.engine import (
     sidecar_path,
     trt_status,
 )
-from pipeline import engine
-from pipeline.backends import trt_runner
 from pipeline.errors import UserError
 
 TRT_OK, TRT_WHY = trt_status()
@@ -41,7 +42,7 @@ no_tensorrt_installed = pytest.mark.skipif(importlib.util.find_spec("tensorrt") 
                                            reason="tensorrt is installed here")
 
 
-# --- profiles and config ----------------------------------------------------------------------------------------------
+# --- profiles and config ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("profile", "scale", "lr_hw"), [
     ("720p", 4, (180, 320)), ("720p", 3, (240, 427)), ("720p", 2, (360, 640)),
@@ -112,7 +113,7 @@ def test_input_profile_fills_batch_and_lr_sizes():
         input_profile((-1, 3, 64, 64), shapes, 1)
 
 
-# --- precision assertion on recorded inspector JSON -------------------------------------------------------------------
+# --- precision assertion on recorded inspector JSON ------------------------------------------------------------------
 
 # A tensor type as the inspector names it: (TensorRT 10.x "Format/Datatype", TensorRT 11.x data type field).
 FLOAT = ("Row major linear FP32", "Float")
@@ -227,7 +228,7 @@ def test_layer_names_only_cannot_confirm_precision(schema):
         assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], **_io_tensors(schema)}, "fp16")
 
 
-# --- sidecars ---------------------------------------------------------------------------------------------------------
+# --- sidecars --------------------------------------------------------------------------------------------------------
 
 HERE = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6",
         "cuda_driver": "12.6"}
@@ -300,7 +301,7 @@ def test_runner_takes_scale_precision_and_tiling_from_the_sidecar(tmp_path):
         TrtRunner(plan, batch=3)
 
 
-# --- probing without TensorRT -----------------------------------------------------------------------------------------
+# --- probing without TensorRT ----------------------------------------------------------------------------------------
 
 def test_importing_engine_modules_loads_neither_tensorrt_nor_cuda_python():
     code = ("import sys, pipeline.engine, pipeline.backends.trt_runner, pipeline.doctor; "
@@ -343,7 +344,7 @@ def test_build_checks_the_precision_before_tensorrt(tmp_path):
         build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
 
 
-# --- building with TensorRT replaced by a fake (its calls as the bindings define them) --------------------------------
+# --- building with TensorRT replaced by a fake (its calls as the bindings define them) -------------------------------
 
 GOOD_CACHE = b"TRT timing cache for this GPU"
 
@@ -432,7 +433,7 @@ def test_usable_or_missing_timing_cache_is_saved_after_the_build(fake_device, mo
     assert cache.read_bytes() == b"the timing cache after this build" and "unusable" not in caplog.text
 
 
-# --- running with TensorRT and cuda-python replaced by fakes ----------------------------------------------------------
+# --- running with TensorRT and cuda-python replaced by fakes ---------------------------------------------------------
 
 class FakeCudart:
     """cuda-python's runtime calls the runner makes, `(error, *values)` as cuda-python returns them; "device" memory
@@ -572,7 +573,7 @@ def test_a_refused_tensor_address_raises_naming_the_tensor(fake_runner):
         fake_runner(refuse_address=True)
 
 
-# --- cuda-python against the driver -----------------------------------------------------------------------------------
+# --- cuda-python against the driver ----------------------------------------------------------------------------------
 
 class DriverCudart(FakeCudart):
     """cuda-python's runtime as it answers on a machine whose driver supports CUDA `driver` (12060 = 12.6; 0 = no
@@ -621,7 +622,7 @@ def test_doctor_names_the_cuda_python_and_driver_mismatch(cuda_python_13_on_a_cu
     monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(name="tensorrt", __version__="10.3.0"))
     report = doctor_report()
     assert report["cuda_python"] == {"version": "13.0.3", "usable": False, "detail": JETPACK6_WITH_CUDA_PYTHON_13}
-    assert f"cuda-python        13.0.3 ({JETPACK6_WITH_CUDA_PYTHON_13})" in format_doctor(report)
+    assert re.search(rf"\n  cuda-python +13\.0\.3 \({re.escape(JETPACK6_WITH_CUDA_PYTHON_13)}\)\n", format_doctor(report))
     assert report["enables"]["TensorRT engines"] == f"no ({JETPACK6_WITH_CUDA_PYTHON_13}) -> verify uses ONNX Runtime"
 
 
@@ -636,7 +637,7 @@ def test_other_cuda_failures_keep_their_reason(monkeypatch, driver, runtime, err
     assert cuda_probe() == (False, why)
 
 
-# --- TensorRT on a GPU ------------------------------------------------------------------------------------------------
+# --- TensorRT on a GPU -----------------------------------------------------------------------------------------------
 
 def tiny_sr_onnx(path, precision, scale=2, seed=0):
     """A one-conv x`scale` SR model `lr` -> `sr` (float32 NCHW, dynamic N/H/W) typed like our exports: fp32; fp16
