@@ -14,7 +14,6 @@ import platform
 import re
 import subprocess
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,6 @@ def _soft(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return probe()
     except Exception as e:  # noqa: BLE001 - doctor reports every failure instead of crashing
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _dist_version(*names: str) -> str | None:
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return metadata.version(name)
-    return None
 
 
 def cpu_info() -> dict[str, Any]:
@@ -87,6 +79,12 @@ def _cuda_runtime() -> dict[str, Any]:
     except ImportError:
         return {"version": None}
     return {"version": torch.version.cuda, "source": "torch build"}
+
+
+def _cuda_python() -> dict[str, Any]:
+    version = engine.cuda_python_version()
+    usable, why = engine.cuda_probe() if version else (False, "")
+    return {"version": version, "usable": usable, "detail": why}
 
 
 def _tensorrt() -> dict[str, Any]:
@@ -169,7 +167,7 @@ def doctor_report() -> dict[str, Any]:
         "gpu": _soft(_gpu),
         "cuda_runtime": _soft(_cuda_runtime),
         "tensorrt": _soft(_tensorrt),
-        "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
+        "cuda_python": _soft(_cuda_python),
         "onnxruntime": _soft(_onnxruntime),
         "torch": _soft(_torch),
         "nvcc": _soft(_nvcc),
@@ -193,7 +191,8 @@ def format_doctor(report: dict[str, Any]) -> str:
                      f"{g['compute_capability'] or '?'} (via {g['source']})" if g["name"] else f"none ({g['reason']})"),
         "CUDA runtime": _line(cuda, lambda c: f"{c['version']} ({c['source']})" if c["version"] else "none"),
         "TensorRT": _line(trt, lambda t: t["version"] or "not installed"),
-        "cuda-python": report["cuda_python"] or "not installed",
+        "cuda-python": _line(report["cuda_python"], lambda c: (c["version"] + ("" if c["usable"] else
+                             f" ({c['detail']})")) if c["version"] else "not installed"),
         "ONNX Runtime": _line(ort, lambda o: f"{o['version']} ({', '.join(o['providers'])})" if o["version"]
                               else "not installed"),
         "torch": _line(torch, lambda t: (f"{t['version']}, CUDA " + (f"available ({t['device']})" if t["cuda"]

@@ -14,26 +14,35 @@ can crash the process without a working CUDA device).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import time
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EngineSection, parse_size
 from pipeline.errors import UserError
 from pipeline.rundir import atomic_path, sha256_file, write_json_atomic
 
+if TYPE_CHECKING:  # the type stubs only; TensorRT itself is imported where it is used
+    import tensorrt as trt
+
 log = logging.getLogger("pipeline")
 
-_NO_CUDA_PYTHON = "cuda-python is not installed (pip install cuda-python, matching the CUDA major version)"
+_NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python>=12,<13' for a CUDA 12 driver, e.g. "
+                   "JetPack 6; 'cuda-python>=13,<14' for CUDA 13)")
 PRESET_OUTPUT_HW = {"720p": (720, 1280), "1080p": (1080, 1920)}
 # The data types an engine of each precision must show: the INT8 plan is INT8 convolutions with an FP16 rest.
 REQUIRED_DTYPES = {"fp32": {"fp32"}, "fp16": {"fp16"}, "int8": {"int8", "fp16"}}
-# How TensorRT spells data types in "Format/Datatype": "Half", "Int8", "Float", "Row major linear FP32",
-# "Channel major FP16 format where channel % 8 == 0", "Thirty-two wide channel vectorized row major Int8 format."
+# Where the inspector names a layer tensor's data type: TensorRT 10.x in "Format/Datatype" ("Half", "Int8", "Float",
+# "Row major linear FP32", "Channel major FP16 format where channel % 8 == 0", "Thirty-two wide channel vectorized
+# row major Int8 format."); TensorRT 11.x split that field into "Format" and a data type field, spelled "Datatype" in
+# NVIDIA's samples and "DataType" in the documentation ("Half", "Float", "Int8").
+_DTYPE_FIELDS = ("Format/Datatype", "Datatype", "DataType")
 _DTYPE_WORDS = {
     "int8": r"\bint8\b",
     "fp16": r"\b(half|fp16)\b",
@@ -79,14 +88,15 @@ def input_profile(input_shape: tuple[int, ...], shapes: dict[str, tuple[int, int
 
 def layer_dtypes(layer_info: str | dict[str, Any]) -> dict[str, int]:
     """How many layer inputs and outputs of each data type (fp32, fp16, bf16, fp8, int8) the engine inspector's
-    JSON lists (it names them only when the engine was built with ProfilingVerbosity.DETAILED)."""
+    JSON lists, in the schema of TensorRT 10.x or 11.x (it names them only when the engine was built with
+    ProfilingVerbosity.DETAILED)."""
     info = json.loads(layer_info or "{}") if isinstance(layer_info, str) else layer_info
     counts: dict[str, int] = {}
     for layer in info.get("Layers", []):
         if not isinstance(layer, dict):
             continue
         for tensor in layer.get("Inputs", []) + layer.get("Outputs", []):
-            text = str(tensor.get("Format/Datatype", ""))
+            text = next((str(tensor[field]) for field in _DTYPE_FIELDS if field in tensor), "")
             dtype = next((name for name, word in _DTYPE_WORDS.items() if re.search(word, text, re.IGNORECASE)), None)
             if dtype is not None:
                 counts[dtype] = counts.get(dtype, 0) + 1
@@ -133,7 +143,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str | None:
     """Why the plan that `sidecar` describes cannot run on the device `here` describes (`device_info()`), or None.
     The GPU (name and compute capability) must match; the TensorRT version too, unless the plan is
-    version-compatible and this TensorRT is the same or newer."""
+    version-compatible and this TensorRT is the same or newer within the plan's major version or the next one
+    (TensorRT runs a 10.x version-compatible plan on 10.x and 11.x, not on 12.x)."""
     built_gpu = f"{sidecar.get('gpu')} (compute capability {sidecar.get('compute_capability')})"
     here_gpu = f"{here['gpu']} (compute capability {here['compute_capability']})"
     if built_gpu != here_gpu:
@@ -143,16 +154,18 @@ def plan_incompatibility(sidecar: dict[str, Any], here: dict[str, str]) -> str |
         return None
     if not sidecar.get("version_compatible"):
         return f"was built with TensorRT {built}, this is TensorRT {running}"
-    if _version_tuple(running) < _version_tuple(built):
-        return (f"was built version-compatible with TensorRT {built}, which only the same or newer TensorRT runs; "
-                f"this is TensorRT {running}")
+    built_v, running_v = _version_tuple(built), _version_tuple(running)
+    if running_v < built_v or running_v[0] > built_v[0] + 1:
+        return (f"was built version-compatible with TensorRT {built}, which only TensorRT {built} or newer up to "
+                f"TensorRT {built_v[0] + 1}.x runs; this is TensorRT {running}")
     return None
 
 
 # --- CUDA and TensorRT (lazy imports) --------------------------------------------------------------------------------
 
 def import_cudart() -> Any:
-    """cuda-python's runtime module (`cuda.bindings.runtime`; `cuda.cudart` before cuda-python 12.6)."""
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python 12.6.2.post1 and later), else `cuda.cudart`
+    (12.6.0 and older have only that)."""
     try:
         from cuda.bindings import runtime
     except ImportError:
@@ -190,6 +203,26 @@ def device_info() -> dict[str, str]:
     return {"tensorrt": trt.__version__, **cuda_device_info()}
 
 
+def cuda_python_version() -> str | None:
+    """The installed cuda-python's version (the metapackage; its `cuda-bindings` where only that is installed)."""
+    for name in ("cuda-python", "cuda-bindings"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
+
+
+def _driver_problem(rt: Any) -> str | None:
+    """Why the CUDA driver cannot serve cuda-python's runtime `rt`: no driver, or a driver for an older CUDA major
+    (cuda-python 13 on a CUDA 12 driver fails with cudaErrorInsufficientDriver); None when it can."""
+    driver, runtime = cuda_call(rt.cudaDriverGetVersion()), cuda_call(rt.cudaRuntimeGetVersion())
+    if driver == 0:
+        return "no NVIDIA driver"
+    if driver // 1000 < runtime // 1000:
+        return (f"the driver supports CUDA {_cuda_version(driver)}; cuda-python {cuda_python_version()} needs CUDA "
+                f"{runtime // 1000}: install cuda-python<{driver // 1000 + 1}")
+    return None
+
+
 def cuda_probe() -> tuple[bool, str]:
     """(True, "") when cuda-python sees a usable CUDA device, else (False, why not); safe without a GPU."""
     try:
@@ -201,7 +234,9 @@ def cuda_probe() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - e.g. cuda-python 13 failing to load libcudart
         return False, f"cuda-python cannot reach the CUDA runtime ({type(e).__name__}: {e})"
     if err != rt.cudaError_t.cudaSuccess:
-        return False, f"no CUDA device (cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()})"
+        why = f"cudaGetDeviceCount: {rt.cudaGetErrorName(err)[1].decode()}"
+        problem = _driver_problem(rt)
+        return False, f"{problem} ({why})" if problem else f"no CUDA device ({why})"
     if count == 0:
         return False, "no CUDA device (cudaGetDeviceCount: 0 devices)"
     try:
@@ -313,8 +348,8 @@ def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str,
     if sec.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache_path = Path(sec.timing_cache).expanduser() if sec.timing_cache else None
-    if cache_path is not None:
-        _attach_timing_cache(config, cache_path)
+    if cache_path is not None and not _attach_timing_cache(config, cache_path):
+        cache_path = None  # an unusable file stays as it is
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -339,14 +374,27 @@ def _build_plan(onnx_path: Path, plan: Path, sec: EngineSection, meta: dict[str,
         _save_timing_cache(config, cache_path)
 
 
-def _attach_timing_cache(config: Any, path: Path) -> None:
-    blob = path.read_bytes() if path.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(blob), False):
-        log.warning("timing cache %s does not fit this GPU or TensorRT; starting an empty one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+def _attach_timing_cache(config: trt.IBuilderConfig, path: Path) -> bool:
+    """Give the build the timing cache in `path` (a missing file: an empty cache); True when the build's cache may
+    be saved to `path`. A file TensorRT cannot use (corrupt, or from another GPU or TensorRT version) gets a warning
+    and an empty cache instead, and False: the file is left as it is."""
+    try:
+        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        if cache is None:
+            problem = "TensorRT cannot read it"
+        elif not config.set_timing_cache(cache, False):
+            problem = "it does not fit this GPU or TensorRT"
+        else:
+            return True
+    except Exception as e:  # noqa: BLE001 - an unreadable file (OSError), or TensorRT rejecting its bytes
+        problem = f"{type(e).__name__}: {e}"
+    log.warning("timing cache %s is unusable (%s); this build starts an empty one and leaves the file as it is "
+                "(delete it to let builds save a new one)", path, problem)
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return False
 
 
-def _save_timing_cache(config: Any, path: Path) -> None:
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(config.get_timing_cache().serialize())

@@ -2,16 +2,23 @@
 JSON, sidecar compatibility, lazy imports, the runner's sidecar handling), and real builds and runs of tiny FP16 /
 INT8 / FP32 models compared with ONNX Runtime where TensorRT and a GPU are present (skipped elsewhere, with why)."""
 
+import ctypes
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import logging
+import re
 import subprocess
 import sys
 import typing
+from unittest import mock
 
 import numpy as np
 import pytest
 
+from pipeline import engine
+from pipeline.backends import trt_runner
 from pipeline.backends.base import latency
 from pipeline.backends.trt_runner import TrtRunner
 from pipeline.config import EngineSection, load_config, validate_engine_section
@@ -108,78 +115,117 @@ def test_input_profile_fills_batch_and_lr_sizes():
 
 # --- precision assertion on recorded inspector JSON ------------------------------------------------------------------
 
-def _tensor(name, fmt, dims=(1, 48, 180, 320)):
-    return {"Name": name, "Location": "Device", "Dimensions": list(dims), "Format/Datatype": fmt}
+# A tensor type as the inspector names it: (TensorRT 10.x "Format/Datatype", TensorRT 11.x data type field).
+FLOAT = ("Row major linear FP32", "Float")
+HALF = ("Channel major FP16 format where channel % 8 == 0", "Half")
+INT8_CHW32 = ("Thirty-two wide channel vectorized row major Int8 format.", "Int8")
+# TensorRT 10.x; TensorRT 11.x as NVIDIA's samples read it ("Datatype") and as its documentation spells it ("DataType").
+SCHEMAS = ("10.x", "11.x Datatype", "11.x DataType")
+
+
+def _tensor(schema, name, dtype, dims=(1, 48, 180, 320)):
+    tensor = {"Name": name, "Location": "Device", "Dimensions": list(dims)}
+    if schema == "10.x":
+        return {**tensor, "Format/Datatype": dtype[0]}
+    return {**tensor, "Format": dtype[0], schema.split()[1]: dtype[1]}
 
 
 def _layer(name, layer_type, inputs, outputs, **params):
     return {"Name": name, "LayerType": layer_type, "Inputs": inputs, "Outputs": outputs, **params}
 
 
-def _engine_json(act, conv_in, weights, io=("Row major linear FP32", "Row major linear FP32")):
-    """Layer information as IEngineInspector prints it (JSON, ProfilingVerbosity.DETAILED) for a strongly typed
-    EDSR-like student: input cast, head conv, body conv + ReLU, DepthToSpace, output cast."""
+def _io_tensors(schema):
+    """10.x: "Bindings", a list of names; 11.x: "I/O Tensors", one object per tensor."""
+    if schema == "10.x":
+        return {"Bindings": ["lr", "sr"]}
+    return {"I/O Tensors": [
+        {"Name": name, "IOMode": mode, "DataType": "Float", "Dimensions": [-1, 3, -1, -1], "Location": "Device",
+         "IsShapeInferenceIO": False} for name, mode in (("lr", "Input"), ("sr", "Output"))]}
+
+
+def _engine_json(schema, act, conv_in, weights, io=(FLOAT, FLOAT)):
+    """Layer information as IEngineInspector prints it (JSON, ProfilingVerbosity.DETAILED) in `schema` for a strongly
+    typed EDSR-like student: input cast, head conv, body conv + ReLU, DepthToSpace, output cast."""
+    def t(name, dtype, dims=(1, 48, 180, 320)):
+        return _tensor(schema, name, dtype, dims)
+
     return {
         "Layers": [
-            _layer("/cast_lr", "Reformat", [_tensor("lr", io[0], (1, 3, 180, 320))],
-                   [_tensor("lr_fp16", act, (1, 3, 180, 320))], ParameterType="Reformat", Origin="CAST"),
-            _layer("/head/Conv", "CaskConvolution", [_tensor("lr_fp16", conv_in, (1, 3, 180, 320))],
-                   [_tensor("/head/Conv_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+            _layer("/cast_lr", "Reformat", [t("lr", io[0], (1, 3, 180, 320))],
+                   [t("lr_fp16", act, (1, 3, 180, 320))], ParameterType="Reformat", Origin="CAST"),
+            _layer("/head/Conv", "CaskConvolution", [t("lr_fp16", conv_in, (1, 3, 180, 320))],
+                   [t("/head/Conv_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
                    Weights={"Type": weights, "Count": 1296}, Bias={"Type": weights, "Count": 48},
                    TacticName="sm80_xmma_fprop_implicit_gemm_tilesize64x32x64_stage5"),
-            _layer("/body/0/Conv + /body/0/Relu", "CaskConvolution", [_tensor("/head/Conv_output_0", conv_in)],
-                   [_tensor("/body/0/Relu_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
+            _layer("/body/0/Conv + /body/0/Relu", "CaskConvolution", [t("/head/Conv_output_0", conv_in)],
+                   [t("/body/0/Relu_output_0", act)], ParameterType="Convolution", Kernel=[3, 3],
                    Weights={"Type": weights, "Count": 20736}, HasReLU=1),
-            _layer("/tail/DepthToSpace", "Shuffle", [_tensor("/body/0/Relu_output_0", act)],
-                   [_tensor("sr_fp16", act, (1, 3, 720, 1280))], ParameterType="Shuffle"),
-            _layer("/cast_sr", "Cast", [_tensor("sr_fp16", act, (1, 3, 720, 1280))],
-                   [_tensor("sr", io[1], (1, 3, 720, 1280))], ParameterType="Cast"),
+            _layer("/tail/DepthToSpace", "Shuffle", [t("/body/0/Relu_output_0", act)],
+                   [t("sr_fp16", act, (1, 3, 720, 1280))], ParameterType="Shuffle"),
+            _layer("/cast_sr", "Cast", [t("sr_fp16", act, (1, 3, 720, 1280))],
+                   [t("sr", io[1], (1, 3, 720, 1280))], ParameterType="Cast"),
         ],
-        "Bindings": ["lr", "sr"],
+        **_io_tensors(schema),
     }
 
 
-FP32_ENGINE = _engine_json("Row major linear FP32", "Row major linear FP32", "Float")
-FP16_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
-                           "Channel major FP16 format where channel % 8 == 0", "Half")
-INT8_ENGINE = _engine_json("Channel major FP16 format where channel % 8 == 0",
-                           "Thirty-two wide channel vectorized row major Int8 format.", "Int8")
-INT8_FP32_REST = _engine_json("Row major linear FP32", "Int8", "Int8")  # QDQ with the rest left FP32
-MYELIN_FP16 = {"Layers": [_layer("__myl_CastConvAddRelu", "kgen", [_tensor("lr", "Float")],
-                                 [_tensor("feat", "Half")]),
-                          _layer("__myl_DepthToSpaceCast", "kgen", [_tensor("feat", "Half")],
-                                 [_tensor("sr", "Float")])]}
+def engines(schema):
+    """Inspector output of each kind of engine in `schema`."""
+    return {
+        "fp32": _engine_json(schema, FLOAT, FLOAT, "Float"),
+        "fp16": _engine_json(schema, HALF, HALF, "Half"),
+        "int8": _engine_json(schema, HALF, INT8_CHW32, "Int8"),
+        "int8 fp32 rest": _engine_json(schema, FLOAT, ("Int8", "Int8"), "Int8"),  # QDQ with the rest left FP32
+        "myelin fp16": {"Layers": [
+            _layer("__myl_CastConvAddRelu", "kgen", [_tensor(schema, "lr", ("Float", "Float"))],
+                   [_tensor(schema, "feat", ("Half", "Half"))]),
+            _layer("__myl_DepthToSpaceCast", "kgen", [_tensor(schema, "feat", ("Half", "Half"))],
+                   [_tensor(schema, "sr", ("Float", "Float"))])]},
+    }
 
 
-def test_layer_dtypes_reads_tensorrt_spellings():
-    assert layer_dtypes(FP16_ENGINE) == {"fp32": 2, "fp16": 8}
-    assert layer_dtypes(json.dumps(INT8_ENGINE)) == {"fp32": 2, "fp16": 6, "int8": 2}
-    assert layer_dtypes(MYELIN_FP16) == {"fp32": 2, "fp16": 2}
-    assert layer_dtypes({"Layers": [_layer("x", "kgen", [_tensor("a", "BFloat16")], [_tensor("b", "FP8")])]}) == {
-        "bf16": 1, "fp8": 1}
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_layer_dtypes_reads_tensorrt_spellings(schema):
+    found = engines(schema)
+    assert layer_dtypes(found["fp16"]) == {"fp32": 2, "fp16": 8}
+    assert layer_dtypes(json.dumps(found["int8"])) == {"fp32": 2, "fp16": 6, "int8": 2}
+    assert layer_dtypes(found["myelin fp16"]) == {"fp32": 2, "fp16": 2}
+    odd = {"Layers": [_layer("x", "kgen", [_tensor(schema, "a", ("BFloat16", "BFloat16"))],
+                             [_tensor(schema, "b", ("FP8", "FP8"))])]}
+    assert layer_dtypes(odd) == {"bf16": 1, "fp8": 1}
 
 
-def test_fp16_engine_passes():
-    assert assert_engine_precision(json.dumps(FP16_ENGINE), "fp16")["fp16"] == 8
-    assert assert_engine_precision(MYELIN_FP16, "fp16")
+def test_tensorrt_11_data_type_field_wins_over_the_format():
+    tensor = {"Name": "feat", "Format": "Row major linear FP32 format (kLINEAR)", "DataType": "Half"}
+    assert layer_dtypes({"Layers": [_layer("x", "Shuffle", [tensor], [])]}) == {"fp16": 1}
 
 
-def test_fp32_engine_labelled_fp16_fails():
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_fp16_engine_passes(schema):
+    assert assert_engine_precision(json.dumps(engines(schema)["fp16"]), "fp16")["fp16"] == 8
+    assert assert_engine_precision(engines(schema)["myelin fp16"], "fp16")
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_fp32_engine_labelled_fp16_fails(schema):
     with pytest.raises(UserError, match="FP16 engine has no FP16 layers"):
-        assert_engine_precision(FP32_ENGINE, "fp16")
+        assert_engine_precision(engines(schema)["fp32"], "fp16")
 
 
-def test_int8_plan_needs_int8_and_an_fp16_rest():
-    assert assert_engine_precision(INT8_ENGINE, "int8")["int8"] == 2
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_int8_plan_needs_int8_and_an_fp16_rest(schema):
+    found = engines(schema)
+    assert assert_engine_precision(found["int8"], "int8")["int8"] == 2
     with pytest.raises(UserError, match="INT8 engine has no INT8 layers"):
-        assert_engine_precision(FP16_ENGINE, "int8")
+        assert_engine_precision(found["fp16"], "int8")
     with pytest.raises(UserError, match="INT8 engine has no FP16 layers"):
-        assert_engine_precision(INT8_FP32_REST, "int8")
+        assert_engine_precision(found["int8 fp32 rest"], "int8")
 
 
-def test_layer_names_only_cannot_confirm_precision():
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_layer_names_only_cannot_confirm_precision(schema):
     with pytest.raises(UserError, match="DETAILED"):
-        assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], "Bindings": ["lr", "sr"]}, "fp16")
+        assert_engine_precision({"Layers": ["/head/Conv", "/tail/DepthToSpace"], **_io_tensors(schema)}, "fp16")
 
 
 # --- sidecars --------------------------------------------------------------------------------------------------------
@@ -216,7 +262,17 @@ def test_other_tensorrt_is_refused_unless_version_compatible_and_newer():
     assert plan_incompatibility(_sidecar(tensorrt="10.3.0", version_compatible=True),
                                 {**HERE, "tensorrt": "11.0.0"}) is None
     older = plan_incompatibility(_sidecar(tensorrt="10.13.0", version_compatible=True), HERE)
-    assert older is not None and "same or newer" in older
+    assert older is not None and "TensorRT 10.13.0 or newer" in older
+
+
+@pytest.mark.parametrize(("running", "runs"), [("11.1.0", True), ("11.9.2", True), ("12.0.0", False),
+                                               ("13.1.0", False)])
+def test_version_compatible_plan_runs_on_the_next_major_only(running, runs):
+    problem = plan_incompatibility(_sidecar(tensorrt="10.3.0", version_compatible=True), {**HERE, "tensorrt": running})
+    assert (problem is None) == runs
+    if not runs:
+        assert problem == (f"was built version-compatible with TensorRT 10.3.0, which only TensorRT 10.3.0 or newer "
+                           f"up to TensorRT 11.x runs; this is TensorRT {running}")
 
 
 def test_read_sidecar_errors_say_to_rebuild(tmp_path):
@@ -286,6 +342,299 @@ def test_build_and_run_need_tensorrt(tmp_path):
 def test_build_checks_the_precision_before_tensorrt(tmp_path):
     with pytest.raises(UserError, match="unknown engine precision bf16"):
         build_engines({"bf16": tmp_path / "m.onnx"}, tmp_path, EngineSection(), 4)
+
+
+# --- building with TensorRT replaced by a fake (its calls as the bindings define them) -------------------------------
+
+GOOD_CACHE = b"TRT timing cache for this GPU"
+
+
+def fake_tensorrt(layer_info, cache_problem=None):
+    """A `tensorrt` module whose build succeeds with `layer_info` from the engine inspector. Timing caches as the
+    bindings treat them: `create_timing_cache(bytes)` returns an ITimingCache (here: for b"" and GOOD_CACHE; for other
+    bytes per `cache_problem`: "raises", "none", or "mismatch" = a cache that set_timing_cache(cache, False) refuses
+    with False), `set_timing_cache(None, ...)` raises TypeError (pybind11: incompatible function arguments)."""
+    trt = mock.MagicMock(name="tensorrt")
+    builder = trt.Builder.return_value
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    network = builder.create_network.return_value
+    network.num_inputs = network.num_outputs = 1
+    network.get_input.return_value.shape = (-1, 3, -1, -1)
+    network.get_input.return_value.name = "lr"
+    builder.build_serialized_network.return_value = b"serialized plan"
+    inspector = trt.Runtime.return_value.deserialize_cuda_engine.return_value.create_engine_inspector.return_value
+    inspector.get_engine_information.return_value = json.dumps(layer_info)
+    config = builder.create_builder_config.return_value
+
+    def create_timing_cache(blob):
+        if blob in (b"", GOOD_CACHE):
+            return mock.sentinel.fitting_cache if blob else mock.sentinel.empty_cache
+        if cache_problem == "raises":
+            raise RuntimeError("Failed to deserialize the timing cache")
+        return None if cache_problem == "none" else mock.sentinel.foreign_cache
+
+    def set_timing_cache(cache, ignore_mismatch):
+        if cache is None:
+            raise TypeError("set_timing_cache(): incompatible function arguments")
+        return cache is not mock.sentinel.foreign_cache or ignore_mismatch
+
+    config.create_timing_cache.side_effect = create_timing_cache
+    config.set_timing_cache.side_effect = set_timing_cache
+    config.get_timing_cache.return_value.serialize.return_value = b"the timing cache after this build"
+    return trt
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    monkeypatch.setattr(engine, "trt_status", lambda: (True, "TensorRT 11.1.0 on a fake GPU"))
+    monkeypatch.setattr(engine, "device_info", lambda: {**HERE, "tensorrt": "11.1.0"})
+
+
+def _fake_build(monkeypatch, tmp_path, trt, cache_bytes=None):
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = tmp_path / "student.fp16.onnx"
+    onnx_path.write_bytes(b"model")
+    cache = tmp_path / "trt-timing.cache"
+    if cache_bytes is not None:
+        cache.write_bytes(cache_bytes)
+    plans = build_engines({"fp16": onnx_path}, tmp_path, dataclasses.replace(SMALL, timing_cache=str(cache)), 2)
+    return plans, cache
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_build_writes_the_plan_when_the_inspector_shows_fp16(fake_device, monkeypatch, tmp_path, schema):
+    (plan,), _ = _fake_build(monkeypatch, tmp_path, fake_tensorrt(engines(schema)["fp16"]))
+    assert plan.read_bytes() == b"serialized plan"
+    assert read_sidecar(plan)["tensor_dtypes"] == {"fp32": 2, "fp16": 8}
+
+
+@pytest.mark.parametrize("problem", ["raises", "none", "mismatch"])
+def test_unusable_timing_cache_gives_an_empty_one_and_stays_as_it_is(fake_device, monkeypatch, tmp_path, caplog,
+                                                                    problem):
+    trt = fake_tensorrt(engines("10.x")["fp16"], cache_problem=problem)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        (plan,), cache = _fake_build(monkeypatch, tmp_path, trt, cache_bytes=b"\x00garbage\xff" * 10)
+    assert plan.read_bytes() == b"serialized plan"
+    config = trt.Builder.return_value.create_builder_config.return_value
+    assert config.set_timing_cache.call_args == mock.call(mock.sentinel.empty_cache, False)
+    assert "is unusable" in caplog.text and "leaves the file as it is" in caplog.text
+    assert cache.read_bytes() == b"\x00garbage\xff" * 10
+
+
+@pytest.mark.parametrize("cache_bytes", [None, GOOD_CACHE])
+def test_usable_or_missing_timing_cache_is_saved_after_the_build(fake_device, monkeypatch, tmp_path, caplog,
+                                                                 cache_bytes):
+    trt = fake_tensorrt(engines("10.x")["fp16"], cache_problem="raises")
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        _, cache = _fake_build(monkeypatch, tmp_path, trt, cache_bytes=cache_bytes)
+    config = trt.Builder.return_value.create_builder_config.return_value
+    used = mock.sentinel.fitting_cache if cache_bytes else mock.sentinel.empty_cache
+    assert config.set_timing_cache.call_args_list == [mock.call(used, False)]
+    assert cache.read_bytes() == b"the timing cache after this build" and "unusable" not in caplog.text
+
+
+# --- running with TensorRT and cuda-python replaced by fakes ---------------------------------------------------------
+
+class FakeCudart:
+    """cuda-python's runtime calls the runner makes, `(error, *values)` as cuda-python returns them; "device" memory
+    is host memory, so that copies are real."""
+
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.buffers = {}
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaFree(self, pointer):  # noqa: N802
+        del self.buffers[pointer]
+        return (0,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaEventCreate(self):  # noqa: N802
+        return 0, object()
+
+    def cudaEventElapsedTime(self, start, end):  # noqa: N802
+        return 0, 0.25
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return 0, b"cudaErrorUnknown"
+
+    def __getattr__(self, name):  # cudaStreamSynchronize, cudaStreamDestroy, cudaEventRecord, ...: succeed
+        return lambda *args: (0,)
+
+
+class FakeContext:
+    """An IExecutionContext of a x`scale` nearest-neighbour engine with input "lr" and output "sr": set_input_shape
+    returns False outside the profile (or for a shape in `refuse`), set_tensor_address False when `refuse_address`."""
+
+    def __init__(self, profile, scale, refuse=(), refuse_address=False):
+        self.profile, self.scale, self.refuse, self.refuse_address = profile, scale, refuse, refuse_address
+        self.shapes, self.addresses, self.shape = [], {}, None
+
+    def set_input_shape(self, name, shape):
+        shape = tuple(shape)
+        self.shapes.append(shape)
+        low, _, high = self.profile
+        ok = name == "lr" and shape not in self.refuse and all(lo <= v <= hi for lo, v, hi in zip(low, shape, high))
+        if ok:
+            self.shape = shape
+        return ok
+
+    def get_tensor_shape(self, name):
+        n, c, h, w = self.shape
+        return self.shape if name == "lr" else (n, c, h * self.scale, w * self.scale)
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = pointer
+        return not self.refuse_address
+
+    def execute_async_v3(self, stream):
+        size = int(np.prod(self.shape))
+        x = np.frombuffer((ctypes.c_float * size).from_address(self.addresses["lr"]), np.float32).reshape(self.shape)
+        out = x.repeat(self.scale, axis=2).repeat(self.scale, axis=3)
+        ctypes.memmove(self.addresses["sr"], out.ctypes.data, out.nbytes)
+        return True
+
+
+@pytest.fixture
+def fake_runner(monkeypatch, tmp_path):
+    """A TrtRunner factory over fake TensorRT and cuda-python: a x2 engine with profile 1x3x16x16 .. 2x3x64x64."""
+    profile = [(1, 3, 16, 16), (2, 3, 48, 48), (2, 3, 64, 64)]
+    cudart = FakeCudart()
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_runner, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_runner, "trt_status", lambda: (True, "TensorRT 10.3.0 on a fake GPU"))
+    monkeypatch.setattr(trt_runner, "device_info", lambda: HERE)
+    plan = tmp_path / "student.fp16.plan"
+    plan.write_bytes(b"serialized plan")
+    sidecar_path(plan).write_text(json.dumps(_sidecar(scale=2, plan_sha256=hashlib.sha256(b"serialized plan")
+                                                      .hexdigest(), profile={"min": [16, 16], "opt": [48, 48],
+                                                                             "max": [64, 64]})))
+
+    def make(**context_options):
+        trt = mock.MagicMock(name="tensorrt")
+        trt.nptype.return_value = np.float32
+        found = trt.Runtime.return_value.deserialize_cuda_engine.return_value
+        found.num_io_tensors = 2
+        found.get_tensor_name.side_effect = ["lr", "sr"].__getitem__
+        found.get_tensor_mode.side_effect = lambda name: trt.TensorIOMode.INPUT if name == "lr" else "output"
+        found.get_tensor_profile_shape.return_value = profile
+        found.create_execution_context.return_value = FakeContext(profile, 2, **context_options)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        runner = TrtRunner(plan, buffers="cuda-python")
+        runner.activate()
+        return runner, found.create_execution_context.return_value
+
+    return make
+
+
+def test_fake_engine_runs_with_padding_below_the_profile_minimum(fake_runner):
+    runner, context = fake_runner()
+    x = np.random.default_rng(3).random((1, 3, 9, 12), dtype=np.float32)
+    sr = runner.forward(x)
+    np.testing.assert_array_equal(sr, x.repeat(2, axis=2).repeat(2, axis=3))
+    assert context.shapes == [(2, 3, 64, 64), (1, 3, 16, 16)]  # the buffers' maximum, then the padded input
+    runner.deactivate()
+
+
+def test_gpu_times_prepare_the_input_as_forward_does(fake_runner):
+    runner, context = fake_runner()
+    assert runner.gpu_times_ms(np.zeros((1, 3, 9, 12), np.float32), iters=3) == [0.25] * 3
+    assert context.shapes[1:] == [(1, 3, 16, 16)]
+    with pytest.raises(ValueError, match="outside the engine profile"):
+        runner.gpu_times_ms(np.zeros((1, 3, 65, 64), np.float32), iters=1)
+    assert context.shapes[1:] == [(1, 3, 16, 16)]  # nothing set for the input outside the profile
+
+
+def test_a_refused_input_shape_raises_naming_the_tensor_and_the_shape(fake_runner):
+    runner, _ = fake_runner(refuse=[(1, 3, 20, 24)])
+    with pytest.raises(RuntimeError, match=r"refused the shape \(1, 3, 20, 24\) for input 'lr' of student.fp16.plan"):
+        runner.forward(np.zeros((1, 3, 20, 24), np.float32))
+    with pytest.raises(RuntimeError, match=r"refused the shape \(1, 3, 20, 24\) for input 'lr'"):
+        runner.gpu_times_ms(np.zeros((1, 3, 20, 24), np.float32), iters=1)
+
+
+def test_a_refused_tensor_address_raises_naming_the_tensor(fake_runner):
+    with pytest.raises(RuntimeError, match="refused the device address 0x[0-9a-f]+ for tensor 'lr' of student.fp16"):
+        fake_runner(refuse_address=True)
+
+
+# --- cuda-python against the driver ----------------------------------------------------------------------------------
+
+class DriverCudart(FakeCudart):
+    """cuda-python's runtime as it answers on a machine whose driver supports CUDA `driver` (12060 = 12.6; 0 = no
+    driver) when its own runtime is CUDA `runtime` and cudaGetDeviceCount fails with `error`."""
+
+    class cudaError_t:  # noqa: N801
+        cudaSuccess, cudaErrorInsufficientDriver, cudaErrorNoDevice = 0, 35, 100
+
+    def __init__(self, driver, runtime, error):
+        super().__init__()
+        self.driver, self.runtime, self.error = driver, runtime, error
+
+    def cudaDriverGetVersion(self):  # noqa: N802
+        return 0, self.driver
+
+    def cudaRuntimeGetVersion(self):  # noqa: N802
+        return 0, self.runtime
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return self.error, None
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return 0, {35: b"cudaErrorInsufficientDriver", 100: b"cudaErrorNoDevice"}[err]
+
+
+JETPACK6_WITH_CUDA_PYTHON_13 = ("the driver supports CUDA 12.6; cuda-python 13.0.3 needs CUDA 13: install "
+                                "cuda-python<13 (cudaGetDeviceCount: cudaErrorInsufficientDriver)")
+
+
+@pytest.fixture
+def cuda_python_13_on_a_cuda_12_driver(monkeypatch):
+    cudart = DriverCudart(12060, 13000, 35)
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(engine, "cuda_python_version", lambda: "13.0.3")
+
+
+def test_cuda_python_newer_than_the_driver_says_which_to_install(cuda_python_13_on_a_cuda_12_driver, monkeypatch):
+    assert cuda_probe() == (False, JETPACK6_WITH_CUDA_PYTHON_13)
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(name="tensorrt"))
+    assert trt_status() == (False, JETPACK6_WITH_CUDA_PYTHON_13)
+
+
+def test_doctor_names_the_cuda_python_and_driver_mismatch(cuda_python_13_on_a_cuda_12_driver, monkeypatch):
+    from pipeline.doctor import doctor_report, format_doctor
+
+    monkeypatch.setitem(sys.modules, "tensorrt", mock.MagicMock(name="tensorrt", __version__="10.3.0"))
+    report = doctor_report()
+    assert report["cuda_python"] == {"version": "13.0.3", "usable": False, "detail": JETPACK6_WITH_CUDA_PYTHON_13}
+    assert re.search(rf"\n  cuda-python +13\.0\.3 \({re.escape(JETPACK6_WITH_CUDA_PYTHON_13)}\)\n", format_doctor(report))
+    assert report["enables"]["TensorRT engines"] == f"no ({JETPACK6_WITH_CUDA_PYTHON_13}) -> verify uses ONNX Runtime"
+
+
+@pytest.mark.parametrize(("driver", "runtime", "error", "why"), [
+    (0, 13000, 35, "no NVIDIA driver (cudaGetDeviceCount: cudaErrorInsufficientDriver)"),
+    (12060, 12090, 100, "no CUDA device (cudaGetDeviceCount: cudaErrorNoDevice)"),
+    (13000, 12060, 100, "no CUDA device (cudaGetDeviceCount: cudaErrorNoDevice)"),
+])
+def test_other_cuda_failures_keep_their_reason(monkeypatch, driver, runtime, error, why):
+    cudart = DriverCudart(driver, runtime, error)
+    monkeypatch.setattr(engine, "import_cudart", lambda: cudart)
+    assert cuda_probe() == (False, why)
 
 
 # --- TensorRT on a GPU -----------------------------------------------------------------------------------------------

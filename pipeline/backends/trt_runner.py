@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from pipeline.backends.base import Runner
 from pipeline.engine import cuda_call, device_info, import_cudart, plan_incompatibility, read_sidecar, trt_status
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # the type stubs only; TensorRT itself is imported in activate()
+    import tensorrt as trt
 
 
 class _CudaPythonMemory:
@@ -100,7 +103,7 @@ class TrtRunner(Runner):
         self.precision = self.sidecar["precision"]
         self.name = f"tensorrt-{self.precision}"
         self.buffers = buffers
-        self._engine: Any = None
+        self._engine: trt.ICudaEngine | None = None
 
     def activate(self) -> None:
         ok, why = trt_status()
@@ -130,56 +133,65 @@ class TrtRunner(Runner):
         self._min, _, self._max = (tuple(s) for s in self._engine.get_tensor_profile_shape(self._in, 0))
         self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._in)))
         self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._out)))
-        self._context.set_input_shape(self._in, self._max)
+        self._set_input_shape(self._max)
         out_max = tuple(self._context.get_tensor_shape(self._out))
         use_torch = self.buffers == "torch" or (self.buffers == "auto" and _torch_cuda_ready())
         self._memory = _TorchMemory() if use_torch else _CudaPythonMemory()
         self._in_ptr = self._memory.alloc(int(np.prod(self._max)) * self._in_dtype.itemsize)
         self._out_ptr = self._memory.alloc(int(np.prod(out_max)) * self._out_dtype.itemsize)
-        self._context.set_tensor_address(self._in, self._in_ptr)
-        self._context.set_tensor_address(self._out, self._out_ptr)
+        for name, pointer in ((self._in, self._in_ptr), (self._out, self._out_ptr)):
+            if not self._context.set_tensor_address(name, pointer):
+                raise RuntimeError(f"TensorRT refused the device address {pointer:#x} for tensor {name!r} of "
+                                   f"{self.plan.name}")
 
     def deactivate(self) -> None:
         if self._engine is None:
             return
         self._memory.close()
-        self._context = self._memory = self._engine = self._runtime = None
+        del self._context, self._memory, self._runtime
+        self._engine = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        n, _, h, w = x.shape
+        _, _, h, w = x.shape
+        self._run(self._load(x))
+        out = self._memory.download(self._out_ptr, tuple(self._context.get_tensor_shape(self._out)), self._out_dtype)
+        return out[:, :, : h * self.scale, : w * self.scale].astype(np.float32, copy=False)
+
+    def _load(self, x: np.ndarray) -> tuple[int, ...]:
+        """Put `x` into the input buffer as the engine's contiguous input, padded (edge replication) up to the profile
+        minimum, and set the input shape; that shape. A ValueError when `x` is outside the profile."""
+        h, w = x.shape[2:]
         pad_h, pad_w = max(0, self._min[2] - h), max(0, self._min[3] - w)
         if pad_h or pad_w:
             x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-        out = self._execute(self._fit(x))
-        return out[:, :, : h * self.scale, : w * self.scale].astype(np.float32, copy=False)
-
-    def _fit(self, x: np.ndarray) -> np.ndarray:
-        """`x` as the engine's contiguous input; a ValueError when it is outside the profile."""
         if not all(lo <= v <= hi for lo, v, hi in zip(self._min, x.shape, self._max)):
             raise ValueError(f"input shape {x.shape} is outside the engine profile {self._min}..{self._max}")
-        return np.ascontiguousarray(x, self._in_dtype)
-
-    def _execute(self, x: np.ndarray) -> np.ndarray:
-        self._context.set_input_shape(self._in, x.shape)
-        shape = tuple(self._context.get_tensor_shape(self._out))
+        x = np.ascontiguousarray(x, self._in_dtype)
+        self._set_input_shape(x.shape)
         self._memory.upload(self._in_ptr, x)
+        return x.shape
+
+    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+        if not self._context.set_input_shape(self._in, shape):
+            raise RuntimeError(f"TensorRT refused the shape {tuple(shape)} for input {self._in!r} of {self.plan.name} "
+                               f"(profile {self._min}..{self._max})")
+
+    def _run(self, shape: tuple[int, ...]) -> None:
         if not self._context.execute_async_v3(self._memory.stream):
-            raise RuntimeError(f"TensorRT could not run {self.plan.name} on an input of shape {x.shape}")
-        return self._memory.download(self._out_ptr, shape, self._out_dtype)
+            raise RuntimeError(f"TensorRT could not run {self.plan.name} on an input of shape {shape}")
 
     def gpu_times_ms(self, x: np.ndarray, iters: int) -> list[float]:
-        """Milliseconds of the engine alone per call on `x` (float32 NCHW within the profile), between CUDA events
-        on its stream (the copies excluded); `backends.base.latency` adds the host-timed calls with copies."""
-        self._context.set_input_shape(self._in, x.shape)
-        self._memory.upload(self._in_ptr, self._fit(x))
+        """Milliseconds of the engine alone per call on `x` (float32 NCHW, padded to the profile minimum as in
+        `forward`), between CUDA events on its stream (the copies excluded); `backends.base.latency` adds the
+        host-timed calls with copies."""
+        shape = self._load(x)
         rt = import_cudart()
         events = [cuda_call(rt.cudaEventCreate()) for _ in range(2)]
         times = []
         try:
             for _ in range(iters):
                 cuda_call(rt.cudaEventRecord(events[0], self._memory.stream))
-                if not self._context.execute_async_v3(self._memory.stream):
-                    raise RuntimeError(f"TensorRT could not run {self.plan.name} on an input of shape {x.shape}")
+                self._run(shape)
                 cuda_call(rt.cudaEventRecord(events[1], self._memory.stream))
                 cuda_call(rt.cudaEventSynchronize(events[1]))
                 times.append(float(cuda_call(rt.cudaEventElapsedTime(*events))))
