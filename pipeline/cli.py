@@ -90,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hr", type=Path, required=True, help="folder of HR images")
     p.add_argument("--scale", type=int, required=True, help="2, 3 or 4")
     p.add_argument("--out", type=Path, required=True, help="output folder (PNG, same stems)")
+    p.add_argument("--overwrite", action="store_true", help="replace LR images that exist already in --out")
 
     p = command("score", "Y-PSNR / Y-SSIM of a folder of SR images against their HR images")
     p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
     p.add_argument("--hr", type=Path, required=True, help="folder of HR images (mod-cropped by score itself)")
     p.add_argument("--scale", type=int, required=True, help="2, 3 or 4 (also the border shaved)")
     p.add_argument("--json", type=Path, help="also write the table as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     p = command("teacher", "train the teacher (L1, Adam) into <run-dir>/teacher.pt")
     _add_run_args(p)
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'embedded' (default), 'embedded-train', or a folder (HR-only or HR/ + LR_bicubic/X{s}/)")
     p.add_argument("--scale", type=int, help="2, 3 or 4 (default: the checkpoint's; 4 for bicubic)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     p = command("distill", "distil the student from the teacher into <run-dir>/student.pt")
     _add_run_args(p)
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", type=Path, help="the run to bundle (default: runs/<config name>)")
     p.add_argument("--out", type=Path, required=True, help="folder to write, with OUT.tar.gz beside it")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT and OUT.tar.gz")
+    p.add_argument("--force", action="store_true", help="replace an earlier bundle at OUT and OUT.tar.gz")
 
     p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
     _add_run_args(p)
@@ -221,12 +224,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "degrade":
         from pipeline.degrade import degrade_folder
 
-        written = degrade_folder(args.hr, args.scale, args.out)
+        written = degrade_folder(args.hr, args.scale, args.out, overwrite=args.overwrite)
         print(f"wrote {len(written)} LR image(s) to {args.out}")
         return
     if args.command == "score":
         from pipeline.score import format_table, score_folders
 
+        _check_json_out(args)
         rows = score_folders(args.sr, args.hr, args.scale)
         print(format_table(rows, f"{args.sr} vs {args.hr}, x{args.scale}"))
         if args.json:
@@ -313,6 +317,7 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
     from pipeline.score import format_table
     from pipeline.stages import eval_rows
 
+    _check_json_out(args)
     if args.model == "bicubic":
         scale = args.scale or 4
         runner = BicubicRunner(scale)
@@ -338,6 +343,17 @@ def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
     runner = make_runner(args.backend, args.precision, args.run_dir or Path("runs") / cfg.name, args.model, tiling)
     written = upscale(runner, pairs, progress)
     print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _check_json_out(args: argparse.Namespace) -> None:
+    """Before any work: `--json` must name a file that does not exist yet (or `--overwrite` replaces it)."""
+    path = args.json
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; name a file")
+    if (path.exists() or path.is_symlink()) and not args.overwrite:
+        raise UserError(f"--json {path} exists already: pass --overwrite to replace it, or name another file")
 
 
 def _write_json(path: Path, data: object) -> None:
