@@ -266,11 +266,22 @@ def _run(args: argparse.Namespace) -> None:
     from pipeline import stages
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
-    if stages.is_main_process():
-        _setup_logging(args.quiet, run.root)
-    else:  # the other ranks of a torchrun launch: rank 0 alone writes run.log and shows progress
+    # bundle only reads the run; verify writes its report where it can. Neither creates a missing run directory.
+    reader = args.command in ("bundle", "verify")
+    run.check_folder(must_exist=reader)
+    writes = not reader or (args.command == "verify" and run.writable())
+    if not stages.is_main_process():  # the other ranks of a torchrun launch: rank 0 alone writes and shows progress
         _setup_logging(quiet=True)
-        progress = False
+        _run_stage(args, cfg, run, progress=False)
+        return
+    with run.lock(args.command, shared=not writes):
+        _setup_logging(args.quiet, run.root if writes else None)
+        _run_stage(args, cfg, run, progress)
+
+
+def _run_stage(args: argparse.Namespace, cfg: object, run: RunDir, progress: bool) -> None:
+    from pipeline import stages
+
     if args.command == "teacher":
         stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
     elif args.command == "distill":

@@ -4,16 +4,22 @@ with about 200 bad inputs, run against copies of an exported run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from models import create_model, load_checkpoint, save_checkpoint
 from pipeline.cli import main
 from pipeline.data.imageio import write_rgb
 from pipeline.rundir import sha256_file
 
+from conftest import SMALL_CALIB
+
+TINY = ["--set", "train.batch=4", "--set", "train.lr_patch=16", "--set", "train.eval_every=0", "--set",
+        "train.log_every=2"]
 FAST = ["--set", 'verify.latency_sizes=["40x24"]', "--set", "verify.repeats=2", "--set", "verify.warmup=0"]
 
 
@@ -132,3 +138,147 @@ def test_upscale_out_naming_a_file_is_refused(exported_run, photos, tmp_path, ca
     assert main(["-q", "upscale", str(photos), "--out", str(afile), "--run-dir", str(exported_run)]) == 2
     assert "not a folder" in _error(capsys)
     assert afile.read_text() == "keep"
+
+
+# --- 4. one writer per run directory; inputs checked when a stage starts and when it records -------------------------
+
+def test_a_second_writer_fails_naming_the_holder(exported_run, tmp_path, capsys, monkeypatch):
+    from pipeline import rundir
+
+    run = _copy(exported_run, tmp_path)
+    before = _digests(run)
+    monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.2)
+    with rundir.RunDir(run).lock("export"):
+        for cmd in (["quantize", "--force", *SMALL_CALIB], ["export", "--force"], ["bundle", "--out", str(tmp_path / "b")]):
+            assert main(["-q", cmd[0], "--run-dir", str(run), *cmd[1:]]) == 2
+            err = _error(capsys)
+            assert f"in use by pid {os.getpid()}" in err and "`pipeline export`" in err
+    assert _digests(run) == {**before, ".lock": sha256_file(run / ".lock")}
+    assert main(["-q", "export", "--run-dir", str(run)]) == 0  # free again: up to date, skipped
+
+
+def test_an_input_changed_while_a_stage_runs_is_not_recorded(exported_run, tmp_path, capsys, monkeypatch):
+    import onnx
+
+    from pipeline import quantize
+
+    run = _copy(exported_run, tmp_path)
+    stages_before = json.loads((run / "manifest.json").read_text())["stages"]
+    real = quantize.activation_amax
+
+    def and_another_export_lands(fp32, *args):
+        out = real(fp32, *args)
+        proto = onnx.load(str(run / "student.fp16.onnx"))
+        proto.metadata_props.add(key="note", value="another student")
+        onnx.save(proto, str(run / "student.fp16.onnx"))
+        return out
+
+    monkeypatch.setattr(quantize, "activation_amax", and_another_export_lands)
+    assert main(["-q", "quantize", "--run-dir", str(run), "--force", *SMALL_CALIB]) == 2
+    assert "changed while the stage ran" in _error(capsys)
+    assert json.loads((run / "manifest.json").read_text())["stages"] == stages_before
+    monkeypatch.setattr(quantize, "activation_amax", real)
+    assert main(["-q", "quantize", "--run-dir", str(run), "--force", *SMALL_CALIB]) == 2  # checked at the start too
+    assert "student.fp16.onnx" in (err := _error(capsys)) and "differ(s) from the sha256 in manifest.json" in err
+    assert main(["-q", "bundle", "--run-dir", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "differ(s) from the sha256" in _error(capsys)
+
+
+# --- 5. a copied or moved run is the same run; a finished training is not an interrupted one ---------------------
+
+def test_a_copied_finished_run_is_up_to_date_and_a_changed_config_retrains(tmp_path, capsys):
+    args = [*TINY, "--set", "train.iters=4", "--set", "train.ckpt_every=2"]
+    run = tmp_path / "run"
+    assert main(["-q", "teacher", "--run-dir", str(run), *args]) == 0
+    assert main(["-q", "distill", "--run-dir", str(run), *args]) == 0
+    manifest = (run / "manifest.json").read_text()
+    assert str(tmp_path) not in manifest  # no absolute path of the run in keys or records
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    before = _digests(moved)
+    capsys.readouterr()
+    assert main(["teacher", "--run-dir", str(moved), *args]) == 0
+    assert main(["distill", "--run-dir", str(moved), *args]) == 0
+    logs = ("run.log", ".lock")
+    assert {k: v for k, v in _digests(moved).items() if k not in logs} == {k: v for k, v in before.items()
+                                                                           if k not in logs}
+    assert (moved / "run.log").read_text().count("up to date") == 2
+    assert main(["-q", "distill", "--run-dir", str(moved), *TINY, "--set", "train.iters=6"]) == 0  # redone, not refused
+    assert load_checkpoint(moved / "student.pt")["config"]["train"]["iters"] == 6
+
+
+# --- 6. exporting a checkpoint that is not the run's student ---------------------------------------------------------
+
+def test_export_of_another_checkpoint_needs_force_and_verify_notices(exported_run, tmp_path, capsys):
+    run = _copy(exported_run, tmp_path)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", create_model("tiny_teacher", scale=4), role="teacher",
+                              preset="tiny_teacher")
+    before = _digests(run)
+    assert main(["-q", "export", "--run-dir", str(run), "--student", str(teacher)]) == 2
+    err = _error(capsys)
+    assert "not this run's student" in err and "it is a teacher" in err and "student.fp32.onnx" in err
+    assert _digests(run) == {**before, ".lock": sha256_file(run / ".lock")}
+    assert main(["-q", "export", "--run-dir", str(run), "--student", str(teacher), "--force"]) == 0
+    assert "replacing student.fp32.onnx, student.fp16.onnx" in capsys.readouterr().err
+    assert main(["-q", "verify", "--run-dir", str(run), *FAST]) == 2
+    assert "exported from another checkpoint than" in _error(capsys)
+
+
+# --- 9. --run-dir: a file, a typo, read-only ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [["teacher"], ["export"], ["quantize"], ["verify"], ["bundle", "--out", "x"], ["all"]])
+def test_run_dir_naming_a_file_is_refused(cmd, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(["-q", cmd[0], "--run-dir", str(afile), *cmd[1:]]) == 2
+    assert "is a file, not a run directory" in _error(capsys)
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("cmd", [["verify"], ["bundle", "--out", "x"]])
+def test_a_mistyped_run_dir_is_not_created(cmd, tmp_path, capsys):
+    assert main(["-q", cmd[0], "--run-dir", str(tmp_path / "typo"), *cmd[1:]]) == 2
+    assert "no run directory" in _error(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def _read_only(folder: Path, monkeypatch) -> None:
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    if os.geteuid() == 0:  # root may write anyway: let the check the code makes see what any other user would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and Path(p).resolve()
+                            .is_relative_to(folder.resolve()) else real(p, mode, **kw))
+
+
+def test_verify_and_bundle_work_on_a_read_only_run(exported_run, tmp_path, capsys, monkeypatch):
+    run = _copy(exported_run, tmp_path)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / "run.log").unlink(missing_ok=True)
+    before = _digests(run)
+    _read_only(run, monkeypatch)
+    try:
+        assert main(["-q", "bundle", "--run-dir", str(run), "--out", str(tmp_path / "deploy")]) == 0
+        assert main(["verify", "--run-dir", str(run), *FAST]) == 0
+        captured = capsys.readouterr()
+        assert "read-only: the report is printed, not written" in captured.err and "onnxruntime-cpu" in captured.out
+        assert _digests(run) == before
+        assert main(["-q", "export", "--run-dir", str(run), "--force"]) == 2
+        assert "cannot write the run directory" in _error(capsys)
+    finally:
+        for p in [run, *run.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+# --- 16. what an interrupted export left is cleaned on the next start ----------------------------------------------
+
+def test_temporaries_of_a_killed_writer_are_removed_on_the_next_start(exported_run, tmp_path):
+    run = _copy(exported_run, tmp_path)
+    (run / ".export-k1ll3d").mkdir()
+    (run / ".export-k1ll3d" / "student.fp32.onnx").write_bytes(b"half")
+    (run / ".student.int8.onnx.abc.tmp").write_bytes(b"half")
+    (run / "student").mkdir()
+    (run / "student" / ".last.pt.x.tmp").write_bytes(b"half")
+    assert main(["-q", "export", "--run-dir", str(run)]) == 0
+    assert not list(run.glob(".export-*")) and not list(run.rglob("*.tmp"))
