@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +16,10 @@ from pipeline.rundir import RunDir, versions, write_json_atomic
 from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
+
+# Failed writes that are the machine's state, not a bug: one `error:` line.
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
 EPILOG = {
     "config": "example: pipeline config --show --preset rcan_paper --set train.iters=1000",
@@ -96,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
     p.add_argument("--hr", type=Path, required=True, help="folder of HR images (mod-cropped by score itself)")
     p.add_argument("--scale", type=int, required=True, help="2, 3 or 4 (also the border shaved)")
-    p.add_argument("--json", type=Path, help="also write the table as JSON")
+    p.add_argument("--json", type=Path, help="also write the table as JSON (an infinite PSNR, of identical images, "
+                                             "as null with a note)")
     p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     p = command("teacher", "train the teacher (L1, Adam) into <run-dir>/teacher.pt")
@@ -368,8 +375,24 @@ def _check_json_out(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, data: object) -> None:
-    write_json_atomic(path, data)
+    write_json_atomic(path, _standard_json(data))
     print(f"wrote {path}")
+
+
+def _standard_json(data: object) -> object:
+    """`data` with each infinite or NaN number (the PSNR of identical images) as null, and a note in its object:
+    standard JSON has no Infinity."""
+    if isinstance(data, list):
+        return [_standard_json(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: _standard_json(v) for k, v in data.items()}
+    odd = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    for k in odd:
+        out[k] = None
+    if odd:
+        out["note"] = f"{', '.join(odd)}: infinite (identical images), written as null"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     except (GateFailed, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {WRITE_ERRORS[e.errno]}{where}: {e.strerror}; the file being written was not put in place, "
+              "nothing already there was replaced", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -282,3 +282,166 @@ def test_temporaries_of_a_killed_writer_are_removed_on_the_next_start(exported_r
     (run / "student" / ".last.pt.x.tmp").write_bytes(b"half")
     assert main(["-q", "export", "--run-dir", str(run)]) == 0
     assert not list(run.glob(".export-*")) and not list(run.rglob("*.tmp"))
+
+
+# --- 7. images too small for the scale or the SSIM window ---------------------------------------------------------
+
+@pytest.mark.parametrize("wh", [(1, 1), (7, 5), (16, 16)])
+def test_eval_data_with_a_tiny_image_names_it(wh, tmp_path, capsys):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(2)
+    write_rgb(data / "fine.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    write_rgb(data / "tiny.png", rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    assert main(["-q", "eval", "--model", "bicubic", "--data", str(data), "--scale", "4"]) == 2
+    assert "tiny" in (err := _error(capsys)) and "too small" in err
+
+
+def test_training_skips_images_too_small_to_degrade_and_eval_refuses_them(tmp_path, capsys):
+    data = tmp_path / "train"
+    rng = np.random.default_rng(3)
+    write_rgb(data / "big.png", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    write_rgb(data / "dot.png", rng.integers(0, 256, (1, 1, 3), dtype=np.uint8))
+    run = tmp_path / "run"
+    args = [*TINY, "--set", "train.iters=2", "--set", "train.ckpt_every=2", "--set", f'data.train="{data}"']
+    assert main(["teacher", "--run-dir", str(run), *args]) == 0
+    assert "dot" in capsys.readouterr().err  # the warning names the skipped image
+    assert main(["-q", "teacher", "--run-dir", str(tmp_path / "run2"), *args, "--set", f'data.eval="{data}"']) == 2
+    assert "dot.png" in _error(capsys)
+
+
+# --- 8. files that load but are not checkpoints -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", ["list", "tensor", "int-keys", "list-state-dict", "none-model"])
+def test_loadable_files_that_are_not_checkpoints(content, tmp_path, capsys):
+    import torch
+
+    from models.checkpoint import FORMAT
+
+    good = create_model("tiny_student", scale=4)
+    obj = {"list": [1, 2, 3], "tensor": torch.zeros(3), "int-keys": {1: torch.zeros(1), 2: torch.zeros(2)},
+           "list-state-dict": {"format": FORMAT, "model": good.config, "state_dict": [torch.zeros(1)]},
+           "none-model": {"format": FORMAT, "model": None, "state_dict": {}}}[content]
+    path = tmp_path / "odd.pt"
+    torch.save(obj, path)
+    assert main(["-q", "eval", "--model", str(path)]) == 2
+    assert str(path) in _error(capsys)
+
+
+# --- 10. values the config check let through ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [("train.lr=nan", "train.lr"), ("facd.tau=nan", "facd.tau"),
+                                           ("train.lr=inf", "train.lr"), ("distill.lambda_out=inf", "distill.lambda_out"),
+                                           ("quant.max_drop_db=-inf", "quant.max_drop_db"),
+                                           ("distill.gate_margin=nan", "distill.gate_margin"),
+                                           ("model.teacher=nope", "model.teacher"),
+                                           ("model.student=edsr_studnet", "model.student")])
+def test_config_refuses_non_finite_floats_and_unknown_model_presets(override, key, capsys):
+    assert main(["config", "--set", override]) == 2
+    assert f"'{key}'" in _error(capsys)
+
+
+def test_config_naming_a_folder_is_refused(tmp_path, capsys):
+    assert main(["config", "--config", str(tmp_path)]) == 2
+    assert "is a folder" in _error(capsys)
+
+
+# --- 12. quantize --calib that is truncated or has no held-out crops ------------------------------------------------
+
+def test_quantize_with_a_truncated_or_holdout_free_calibration_set(exported_run, tmp_path, capsys):
+    run = _copy(exported_run, tmp_path)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes((run / "calib.npz").read_bytes()[:5000])
+    before = _digests(run)
+    assert main(["-q", "quantize", "--run-dir", str(run), "--force", *SMALL_CALIB, "--calib", str(truncated)]) == 2
+    assert "truncated.npz" in _error(capsys)
+    with np.load(run / "calib.npz") as z:
+        data = dict(z)
+    data["holdout"][:] = False
+    np.savez(tmp_path / "noholdout.npz", **data)
+    assert main(["-q", "quantize", "--run-dir", str(run), "--force", *SMALL_CALIB, "--calib",
+                 str(tmp_path / "noholdout.npz")]) == 2
+    assert "held-out" in _error(capsys)
+    data["holdout"][:] = True
+    np.savez(tmp_path / "allholdout.npz", **data)
+    assert main(["-q", "quantize", "--run-dir", str(run), "--force", *SMALL_CALIB, "--calib",
+                 str(tmp_path / "allholdout.npz")]) == 2
+    assert "calibrat" in _error(capsys)
+    logs = ("run.log", ".lock")
+    assert {k: v for k, v in _digests(run).items() if k not in logs} == {k: v for k, v in before.items()
+                                                                         if k not in logs}
+
+
+# --- 13. a full disk during a checkpoint write -----------------------------------------------------------------------
+
+def test_a_full_disk_says_so_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    run = tmp_path / "run"
+    args = [*TINY, "--set", "train.iters=2", "--set", "train.ckpt_every=2"]
+    assert main(["-q", "teacher", "--run-dir", str(run), *args]) == 0
+    before = _digests(run)
+
+    def full(fd):  # what fsync (or the write before it) reports when the disk fills up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["-q", "teacher", "--run-dir", str(run), *args, "--force"]) == 2
+    assert "disk is full" in _error(capsys)
+    assert _digests(run)["teacher.pt"] == before["teacher.pt"] and not list(run.rglob("*.tmp"))
+
+
+# --- 14. an ONNX file with our metadata but another graph ----------------------------------------------------------
+
+def test_a_model_whose_output_size_contradicts_its_scale_is_refused(exported_run, photos, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    meta = {p.key: p.value for p in onnx.load(str(exported_run / "student.fp32.onnx")).metadata_props}
+    value = helper.make_tensor_value_info
+    resize = helper.make_node("Resize", ["lr", "", "scales"], ["sr"], mode="nearest")
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    graph = helper.make_graph([resize], "x2", [value("lr", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [value("sr", TensorProto.FLOAT, ["N", 3, "H2", "W2"])], [scales])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    model = tmp_path / "x2.onnx"
+    onnx.save(proto, str(model))
+    for tile in ("0", "16"):
+        out = tmp_path / f"out{tile}"
+        assert main(["-q", "upscale", str(photos), "--out", str(out), "--model", str(model), "--tile", tile,
+                     "--overlap", "4"]) == 2
+        assert "not the x4" in (err := _error(capsys)) and "not what it claims" in err
+        assert not out.exists() or not any(out.iterdir())
+
+
+# --- 15. score: the scales the help names; identical images in JSON ---------------------------------------------
+
+def test_score_scale_and_identical_images_in_json(tmp_path, capsys):
+    hr = tmp_path / "hr"
+    write_rgb(hr / "x.png", np.random.default_rng(4).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    for scale in ("1", "5"):
+        assert main(["-q", "score", "--sr", str(hr), "--hr", str(hr), "--scale", scale]) == 2
+        assert "scale must be one of 2, 3, 4" in _error(capsys)
+    out = tmp_path / "s.json"
+    assert main(["-q", "score", "--sr", str(hr), "--hr", str(hr), "--scale", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert rows[0]["psnr_y"] is None and rows[0]["ssim_y"] == pytest.approx(1.0)
+
+
+# --- 17. the edge runtime refuses bundle.json entries outside the bundle --------------------------------------------
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "golden/../../outside.txt", "link.txt"])
+def test_edge_refuses_files_outside_the_bundle(entry, tmp_path, capsys):
+    from pipeline import edge
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    (bundle / "link.txt").symlink_to(outside)
+    digest = sha256_file(Path("/etc/hostname")) if entry.startswith("/") else sha256_file(outside)
+    info = {"format": edge.FORMAT, **{k: {} for k in edge.BUNDLE_KEYS}, "files": {entry: digest}}
+    (bundle / "bundle.json").write_text(json.dumps(info))
+    assert edge.main(["verify", "--bundle", str(bundle), "-q"]) == 2
+    assert "outside the bundle" in _error(capsys)
