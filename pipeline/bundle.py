@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.modelio import load_model
 from pipeline.rundir import CALIB, MANIFEST, ONNX, STUDENT, sha256_file, versions
+from pipeline.stages import check_models_of_student
 
 log = logging.getLogger("pipeline")
 
@@ -180,6 +181,7 @@ def _check_run(run_root: Path) -> None:
     if changed:
         raise UserError(f"cannot bundle {run_root}: {', '.join(changed)} differ(s) from the sha256 in {MANIFEST} "
                         "(changed after the stage that made it?); redo that stage")
+    check_models_of_student(run_root)
 
 
 def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) -> None:

@@ -12,14 +12,15 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
-from pipeline.rundir import RunDir, versions, write_json_atomic
+from pipeline.rundir import MANIFEST, RunDir, versions, write_json_atomic
 from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
 
 # Failed writes that are the machine's state, not a bug: one `error:` line.
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.ENOTDIR: "a folder in the path is a file", errno.EEXIST: "a file is where a folder must be"}
 
 EPILOG = {
     "config": "example: pipeline config --show --preset rcan_paper --set train.iters=1000",
@@ -224,8 +225,11 @@ def _run(args: argparse.Namespace) -> None:
         print(config_mod.to_toml(cfg), end="")
         return
     if args.command == "models":
+        from pipeline.degrade import SCALES
         from pipeline.modelio import models_table
 
+        if args.scale not in SCALES:
+            raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, got {args.scale}")
         print(models_table(args.scale, config_mod.parse_size(args.lr_size, "--lr-size")))
         return
     if args.command == "degrade":
@@ -352,6 +356,9 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
     from pipeline.upscale import collect_inputs, make_runner, upscale
 
+    if (args.out / MANIFEST).exists():
+        raise UserError(f"--out {args.out} is a run directory: choose another folder, a run's files are never "
+                        "overwritten by upscale")
     pairs = collect_inputs(args.inputs, args.out, args.overwrite)
     if args.model and args.run_dir:
         raise UserError("give --model or --run-dir, not both")

@@ -18,6 +18,7 @@ Imports numpy, Pillow and, lazily, onnxruntime or tensorrt + cuda-python; nothin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -268,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a read-only bundle: edge_report.json (and plans/) are written into it
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        print(f"error: cannot write into the bundle ({e.filename}: {e.strerror}); extract it where you can write",
+              file=sys.stderr)
+        return 2
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

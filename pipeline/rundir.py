@@ -154,9 +154,14 @@ class RunDir:
         if not self.manifest_path.exists():
             return {"stages": {}, "artifacts": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{self.manifest_path} is corrupt ({e}); move it away to start the run afresh") from None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)
+                and isinstance(manifest.get("artifacts"), dict)):
+            raise UserError(f"{self.manifest_path} is corrupt (no 'stages' and 'artifacts' tables); move it away to "
+                            "start the run afresh")
+        return manifest
 
     def _name(self, path: Path) -> str:
         """An input's name in keys and records: relative to the run directory, or (from elsewhere) its path."""

@@ -347,7 +347,6 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
     when a gate fails (after the report is written) or a backend in `require` could not run."""
     from pipeline import verify
-    from pipeline.backends.ort_runner import read_meta
     from pipeline.report import REPORT_FILES, format_rows, write_report
 
     needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",
@@ -355,14 +354,7 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     missing = [f"{name} (made by `{cmd}`)" for name, cmd in needed.items() if not run.path(name).exists()]
     if missing:
         raise UserError(f"cannot verify {run.root}: missing {', '.join(missing)}")
-    student_sha = sha256_file(run.path(STUDENT))
-    for precision, name in ONNX.items():
-        meta = read_meta(run.path(name))
-        if meta["precision"] != precision:
-            raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {precision}")
-        if meta["source_checkpoint_sha256"] != student_sha:
-            raise UserError(f"{run.path(name)} was exported from another checkpoint than {run.path(STUDENT)}: "
-                            "redo `pipeline export` and `pipeline quantize` from it")
+    check_models_of_student(run.root)
     plans = [run.path(p) for p in PLANS.values() if run.path(p).exists()]
     inputs = [run.path(n) for n in needed] + plans
     config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "verify": cfg.to_dict()["verify"],
@@ -389,6 +381,21 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     if not report["passed"]:
         raise GateFailed("verify failed:\n  " + "\n  ".join(verify.failing(report)))
     return out
+
+
+def check_models_of_student(root: Path) -> None:
+    """Every ONNX model of the run holds its precision and was exported from the run's `student.pt`; else a
+    UserError (verify and the bundle's golden set compare the models with that student)."""
+    from pipeline.backends.ort_runner import read_meta
+
+    student_sha = sha256_file(root / STUDENT)
+    for precision, name in ONNX.items():
+        meta = read_meta(root / name)
+        if meta["precision"] != precision:
+            raise UserError(f"{root / name} holds a {meta['precision']} model, expected {precision}")
+        if meta["source_checkpoint_sha256"] != student_sha:
+            raise UserError(f"{root / name} was exported from another checkpoint than {root / STUDENT}: redo "
+                            "`pipeline export` and `pipeline quantize` from it")
 
 
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,

@@ -223,6 +223,8 @@ def test_export_of_another_checkpoint_needs_force_and_verify_notices(exported_ru
     assert "replacing student.fp32.onnx, student.fp16.onnx" in capsys.readouterr().err
     assert main(["-q", "verify", "--run-dir", str(run), *FAST]) == 2
     assert "exported from another checkpoint than" in _error(capsys)
+    assert main(["-q", "bundle", "--run-dir", str(run), "--out", str(tmp_path / "deploy")]) == 2
+    assert "exported from another checkpoint than" in _error(capsys)
 
 
 # --- 9. --run-dir: a file, a typo, read-only ------------------------------------------------------------------------
@@ -445,3 +447,24 @@ def test_edge_refuses_files_outside_the_bundle(entry, tmp_path, capsys):
     (bundle / "bundle.json").write_text(json.dumps(info))
     assert edge.main(["verify", "--bundle", str(bundle), "-q"]) == 2
     assert "outside the bundle" in _error(capsys)
+
+
+# --- beyond the list ---------------------------------------------------------------------------------------------------
+
+def test_more_bad_paths_end_in_one_error_line(exported_run, photos, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(["-q", "models", "--scale", "5"]) == 2
+    assert "--scale must be one of 2, 3, 4" in _error(capsys)
+    assert main(["-q", "teacher", "--run-dir", str(afile / "run")]) == 2  # a file where a folder must be
+    assert "a folder in the path is a file" in _error(capsys)
+    assert main(["-q", "upscale", str(photos), "--out", str(exported_run), "--run-dir", str(exported_run)]) == 2
+    assert "is a run directory" in _error(capsys)
+    assert afile.read_text() == "keep"
+
+
+def test_a_manifest_of_the_wrong_shape_is_a_clear_error(exported_run, tmp_path, capsys):
+    run = _copy(exported_run, tmp_path)
+    (run / "manifest.json").write_text("[]")
+    assert main(["-q", "export", "--run-dir", str(run)]) == 2
+    assert "manifest.json is corrupt" in _error(capsys)
