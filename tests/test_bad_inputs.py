@@ -149,7 +149,8 @@ def test_a_second_writer_fails_naming_the_holder(exported_run, tmp_path, capsys,
     before = _digests(run)
     monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.2)
     with rundir.RunDir(run).lock("export"):
-        for cmd in (["quantize", "--force", *SMALL_CALIB], ["export", "--force"], ["bundle", "--out", str(tmp_path / "b")]):
+        for cmd in (["quantize", "--force", *SMALL_CALIB], ["export", "--force"],
+                    ["bundle", "--out", str(tmp_path / "b")]):
             assert main(["-q", cmd[0], "--run-dir", str(run), *cmd[1:]]) == 2
             err = _error(capsys)
             assert f"in use by pid {os.getpid()}" in err and "`pipeline export`" in err
@@ -332,7 +333,8 @@ def test_loadable_files_that_are_not_checkpoints(content, tmp_path, capsys):
 # --- 10. values the config check let through ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, key", [("train.lr=nan", "train.lr"), ("facd.tau=nan", "facd.tau"),
-                                           ("train.lr=inf", "train.lr"), ("distill.lambda_out=inf", "distill.lambda_out"),
+                                           ("train.lr=inf", "train.lr"),
+                                           ("distill.lambda_out=inf", "distill.lambda_out"),
                                            ("quant.max_drop_db=-inf", "quant.max_drop_db"),
                                            ("distill.gate_margin=nan", "distill.gate_margin"),
                                            ("model.teacher=nope", "model.teacher"),
@@ -449,7 +451,7 @@ def test_edge_refuses_files_outside_the_bundle(entry, tmp_path, capsys):
     assert "outside the bundle" in _error(capsys)
 
 
-# --- beyond the list ---------------------------------------------------------------------------------------------------
+# --- beyond the list -------------------------------------------------------------------------------------------------
 
 def test_more_bad_paths_end_in_one_error_line(exported_run, photos, tmp_path, capsys):
     afile = tmp_path / "afile"
