@@ -5,6 +5,7 @@ A checkpoint is a dict `{"format": FORMAT, "model": <config dict, incl. arch and
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -37,9 +38,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: SRNet, **extra: Any) ->
     payload = {"format": FORMAT, "model": model.config, "state_dict": state, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()  # torch.save turns a failed write into a bare RuntimeError; f.write keeps the OSError
+    torch.save(payload, buffer)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -97,6 +100,8 @@ def model_from_checkpoint(
         ckpt, src = ckpt_or_path, name
         if ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model"), Mapping):
             raise CheckpointError(f"{src} is not a facd-pipeline checkpoint (format {ckpt.get('format')!r})")
+        if not isinstance(ckpt.get("state_dict"), Mapping) or not all(isinstance(k, str) for k in ckpt["state_dict"]):
+            raise CheckpointError(f"{src} has no 'state_dict' of parameter names and tensors")
     else:
         ckpt, src = load_checkpoint(ckpt_or_path), f"checkpoint {ckpt_or_path}"
     cfg = ckpt["model"]

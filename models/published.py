@@ -148,6 +148,9 @@ def _unwrap(raw: Any, name: str) -> dict[str, Any]:
         if isinstance(raw.get(key), Mapping):
             raw = raw[key]
             break
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"{name} are not a state dict (keys such as {odd[0]!r} are not parameter names)")
     return {k.removeprefix("module."): v for k, v in raw.items()}
 
 

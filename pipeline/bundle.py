@@ -5,7 +5,8 @@ It holds the ONNX models (FP32, FP16, INT8 for TensorRT, INT8 for ONNX Runtime o
 and their HR), `bundle.json` (scale, gates, latency sizes, engine settings, the sha256 of every file), the torch-free
 runtime (`runtime/pipeline/`, this package's Python files), a Makefile whose `verify` target runs
 `python -m pipeline.edge verify` (see pipeline/edge.py) and a README. The bundle is assembled in a temporary folder
-beside OUT; an existing OUT or OUT.tar.gz is replaced only with `force`, and only once the new bundle is complete.
+beside OUT; an existing OUT or OUT.tar.gz is replaced only with `force`, only when it is an earlier bundle (never
+another folder or file, never anything inside the run directory), and only once the new bundle is complete.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.modelio import load_model
 from pipeline.rundir import CALIB, MANIFEST, ONNX, STUDENT, sha256_file, versions
+from pipeline.stages import check_models_of_student
 
 log = logging.getLogger("pipeline")
 
@@ -120,10 +122,17 @@ def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, 
     tarball = out.with_name(out.name + ".tar.gz")
     if out == run_root.resolve() or out in run_root.resolve().parents:
         raise UserError(f"--out {out} would replace the run directory {run_root}; choose another folder")
-    existing = [str(p) for p in (out, tarball) if p.exists()]
+    if out.is_relative_to(run_root.resolve()):
+        raise UserError(f"--out {out} is inside the run directory {run_root}; choose a folder outside it")
+    existing = [str(p) for p in (out, tarball) if p.exists() or p.is_symlink()]
     if existing and not force:
         raise UserError(f"{' and '.join(existing)} already exist{'s' * (len(existing) == 1)}; choose another --out, "
                         "or pass --force to replace")
+    foreign = [str(p) for p, ours in ((out, _is_bundle), (tarball, _is_bundle_tarball))
+               if (p.exists() or p.is_symlink()) and not ours(p)]
+    if foreign:
+        raise UserError(f"{' and '.join(foreign)}: not a bundle (no {BUNDLE_JSON} of {FORMAT}); --force replaces only "
+                        "an earlier bundle, never other files: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage, packed = Path(tmp) / out.name, Path(tmp) / tarball.name
@@ -139,6 +148,26 @@ def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, 
     return tarball
 
 
+def _is_bundle(path: Path) -> bool:
+    """A folder that an earlier `make_bundle` wrote: it holds our `bundle.json`."""
+    try:
+        return (not path.is_symlink() and path.is_dir()
+                and json.loads((path / BUNDLE_JSON).read_text()).get("format") == FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_bundle_tarball(path: Path) -> bool:
+    """A tarball that an earlier `make_bundle` wrote: `<name>/bundle.json` of our format inside a gzipped tar."""
+    name = path.name.removesuffix(".tar.gz")
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            member = tar.extractfile(f"{name}/{BUNDLE_JSON}")
+            return member is not None and json.loads(member.read()).get("format") == FORMAT
+    except (OSError, tarfile.TarError, KeyError, ValueError, AttributeError):
+        return False
+
+
 def _check_run(run_root: Path) -> None:
     missing = [f"{name} (made by `{cmd}`)" for name, cmd in REQUIRED.items() if not (run_root / name).is_file()]
     if missing:
@@ -152,6 +181,7 @@ def _check_run(run_root: Path) -> None:
     if changed:
         raise UserError(f"cannot bundle {run_root}: {', '.join(changed)} differ(s) from the sha256 in {MANIFEST} "
                         "(changed after the stage that made it?); redo that stage")
+    check_models_of_student(run_root)
 
 
 def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) -> None:

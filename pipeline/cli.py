@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import sys
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
-from pipeline.rundir import RunDir, versions, write_json_atomic
+from pipeline.rundir import MANIFEST, RunDir, versions, write_json_atomic
 from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
+
+# Failed writes that are the machine's state, not a bug: one `error:` line.
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.ENOTDIR: "a folder in the path is a file", errno.EEXIST: "a file is where a folder must be"}
 
 EPILOG = {
     "config": "example: pipeline config --show --preset rcan_paper --set train.iters=1000",
@@ -91,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hr", type=Path, required=True, help="folder of HR images")
     p.add_argument("--scale", type=int, required=True, help="2, 3 or 4")
     p.add_argument("--out", type=Path, required=True, help="output folder (PNG, same stems)")
+    p.add_argument("--overwrite", action="store_true", help="replace LR images that exist already in --out")
 
     p = command("score", "Y-PSNR / Y-SSIM of a folder of SR images against their HR images")
     p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
     p.add_argument("--hr", type=Path, required=True, help="folder of HR images (mod-cropped by score itself)")
     p.add_argument("--scale", type=int, required=True, help="2, 3 or 4 (also the border shaved)")
-    p.add_argument("--json", type=Path, help="also write the table as JSON")
+    p.add_argument("--json", type=Path, help="also write the table as JSON (an infinite PSNR, of identical images, "
+                                             "as null with a note)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     p = command("teacher", "train the teacher (L1, Adam) into <run-dir>/teacher.pt")
     _add_run_args(p)
@@ -107,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'embedded' (default), 'embedded-train', or a folder (HR-only or HR/ + LR_bicubic/X{s}/)")
     p.add_argument("--scale", type=int, help="2, 3 or 4 (default: the checkpoint's; 4 for bicubic)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     p = command("distill", "distil the student from the teacher into <run-dir>/student.pt")
     _add_run_args(p)
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", type=Path, help="the run to bundle (default: runs/<config name>)")
     p.add_argument("--out", type=Path, required=True, help="folder to write, with OUT.tar.gz beside it")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT and OUT.tar.gz")
+    p.add_argument("--force", action="store_true", help="replace an earlier bundle at OUT and OUT.tar.gz")
 
     p = command("verify", "every backend x precision vs the PyTorch FP32 reference: gates, throughput, report")
     _add_run_args(p)
@@ -229,19 +240,23 @@ def _run(args: argparse.Namespace) -> None:
         print(config_mod.to_toml(cfg), end="")
         return
     if args.command == "models":
+        from pipeline.degrade import SCALES
         from pipeline.modelio import models_table
 
+        if args.scale not in SCALES:
+            raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, got {args.scale}")
         print(models_table(args.scale, config_mod.parse_size(args.lr_size, "--lr-size")))
         return
     if args.command == "degrade":
         from pipeline.degrade import degrade_folder
 
-        written = degrade_folder(args.hr, args.scale, args.out)
+        written = degrade_folder(args.hr, args.scale, args.out, overwrite=args.overwrite)
         print(f"wrote {len(written)} LR image(s) to {args.out}")
         return
     if args.command == "score":
         from pipeline.score import format_table, score_folders
 
+        _check_json_out(args)
         rows = score_folders(args.sr, args.hr, args.scale)
         print(format_table(rows, f"{args.sr} vs {args.hr}, x{args.scale}"))
         if args.json:
@@ -277,11 +292,22 @@ def _run(args: argparse.Namespace) -> None:
     from pipeline import stages
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
-    if stages.is_main_process():
-        _setup_logging(args.quiet, run.root)
-    else:  # the other ranks of a torchrun launch: rank 0 alone writes run.log and shows progress
+    # bundle only reads the run; verify writes its report where it can. Neither creates a missing run directory.
+    reader = args.command in ("bundle", "verify")
+    run.check_folder(must_exist=reader)
+    writes = not reader or (args.command == "verify" and run.writable())
+    if not stages.is_main_process():  # the other ranks of a torchrun launch: rank 0 alone writes and shows progress
         _setup_logging(quiet=True)
-        progress = False
+        _run_stage(args, cfg, run, progress=False)
+        return
+    with run.lock(args.command, shared=not writes):
+        _setup_logging(args.quiet, run.root if writes else None)
+        _run_stage(args, cfg, run, progress)
+
+
+def _run_stage(args: argparse.Namespace, cfg: object, run: RunDir, progress: bool) -> None:
+    from pipeline import stages
+
     if args.command == "teacher":
         stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
     elif args.command in ("distill", "ablate", "sweep"):
@@ -330,6 +356,7 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
     from pipeline.score import format_table
     from pipeline.stages import eval_rows
 
+    _check_json_out(args)
     if args.model == "bicubic":
         scale = args.scale or 4
         runner = BicubicRunner(scale)
@@ -346,6 +373,9 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
     from pipeline.upscale import collect_inputs, make_runner, upscale
 
+    if (args.out / MANIFEST).exists():
+        raise UserError(f"--out {args.out} is a run directory: choose another folder, a run's files are never "
+                        "overwritten by upscale")
     pairs = collect_inputs(args.inputs, args.out, args.overwrite)
     if args.model and args.run_dir:
         raise UserError("give --model or --run-dir, not both")
@@ -357,9 +387,36 @@ def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
     print(f"wrote {len(written)} image(s) to {args.out}")
 
 
+def _check_json_out(args: argparse.Namespace) -> None:
+    """Before any work: `--json` must name a file that does not exist yet (or `--overwrite` replaces it)."""
+    path = args.json
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; name a file")
+    if (path.exists() or path.is_symlink()) and not args.overwrite:
+        raise UserError(f"--json {path} exists already: pass --overwrite to replace it, or name another file")
+
+
 def _write_json(path: Path, data: object) -> None:
-    write_json_atomic(path, data)
+    write_json_atomic(path, _standard_json(data))
     print(f"wrote {path}")
+
+
+def _standard_json(data: object) -> object:
+    """`data` with each infinite or NaN number (the PSNR of identical images) as null, and a note in its object:
+    standard JSON has no Infinity."""
+    if isinstance(data, list):
+        return [_standard_json(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: _standard_json(v) for k, v in data.items()}
+    odd = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    for k in odd:
+        out[k] = None
+    if odd:
+        out["note"] = f"{', '.join(odd)}: infinite (identical images), written as null"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     except (GateFailed, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {WRITE_ERRORS[e.errno]}{where}: {e.strerror}; the file being written was not put in place, "
+              "nothing already there was replaced", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key {key!r}: {value!r} is not a finite number")
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise UserError(f"config key {key!r}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -225,8 +228,14 @@ def _parse_override(text: str) -> dict[str, Any]:
 
 
 def _validate(cfg: Config) -> None:
+    from models import PRESETS as MODEL_PRESETS  # here: the torch-free edge runtime imports this module
+
     if cfg.scale not in (2, 3, 4):
         raise UserError(f"config key 'scale': {cfg.scale} is not one of 2, 3, 4")
+    for key in ("teacher", "student"):
+        if getattr(cfg.model, key) not in MODEL_PRESETS:
+            raise UserError(f"config key 'model.{key}': {getattr(cfg.model, key)!r} is not a model preset (known: "
+                            f"{', '.join(MODEL_PRESETS)}; see `pipeline models`)")
     t = cfg.train
     positive = {"train.iters": t.iters, "train.batch": t.batch, "train.lr_patch": t.lr_patch, "train.lr": t.lr,
                 "train.ckpt_every": t.ckpt_every, "train.log_every": t.log_every}
@@ -310,6 +319,10 @@ def load_config(preset: str = "tiny", file: str | Path | None = None, overrides:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"--config {path} is a folder; name a TOML file") from None
+        except OSError as e:
+            raise UserError(f"config file {path} cannot be read: {e.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
         _merge(cfg, data)

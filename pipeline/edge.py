@@ -18,6 +18,7 @@ Imports numpy, Pillow and, lazily, onnxruntime or tensorrt + cuda-python; nothin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -72,6 +73,11 @@ def load_bundle(root: Path) -> dict[str, Any]:
     missing_keys = [k for k in BUNDLE_KEYS if k not in info]
     if missing_keys:
         raise UserError(f"{path} lacks {', '.join(missing_keys)}; make the bundle again with `pipeline bundle`")
+    if not isinstance(info["files"], dict):
+        raise UserError(f"{path}: 'files' is not a table of names and sha256; make the bundle again")
+    outside = [str(name) for name in info["files"] if not _inside(root, name)]
+    if outside:
+        raise UserError(f"{path} lists files outside the bundle ({', '.join(outside)}); refusing to read them")
     missing = [name for name in info["files"] if not (root / name).is_file()]
     changed = [name for name, digest in info["files"].items()
                if name not in missing and sha256_file(root / name) != digest]
@@ -82,9 +88,22 @@ def load_bundle(root: Path) -> dict[str, Any]:
     return info
 
 
-def load_golden(root: Path) -> list[Golden]:
+def _inside(root: Path, name: object) -> bool:
+    """`name` is a relative path that stays inside `root`, symbolic links resolved."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return (root / name).resolve().is_relative_to(root.resolve())
+
+
+def load_golden(root: Path, files: dict[str, str]) -> list[Golden]:
+    """The golden images; each one must be a file that `bundle.json` lists (and so was checked)."""
     golden = json.loads((root / GOLDEN_JSON).read_text())
     base = (root / GOLDEN_JSON).parent
+    folder = Path(GOLDEN_JSON).parent.as_posix()
+    unlisted = [str(g[k]) for g in golden["images"] for k in ("lr", "sr_fp32", "hr") if f"{folder}/{g[k]}" not in files]
+    if unlisted:
+        raise UserError(f"{root / GOLDEN_JSON} names files that {BUNDLE_JSON} does not list ({', '.join(unlisted)}); "
+                        "extract the bundle again")
     return [Golden(g["name"], read_rgb(base / g["lr"]), read_rgb(base / g["sr_fp32"]), read_rgb(base / g["hr"]),
                    g["psnr_y"]) for g in golden["images"]]
 
@@ -118,8 +137,10 @@ def _engine_section(root: Path, info: dict[str, Any]) -> EngineSection:
     except TypeError as e:
         raise UserError(f"{root / BUNDLE_JSON}: bad engine section ({e})") from None
     validate_engine_section(sec)
-    if sec.timing_cache:  # relative to the bundle, whatever the working directory
-        sec.timing_cache = str(root / Path(sec.timing_cache).expanduser())
+    if sec.timing_cache:  # relative to the bundle, whatever the working directory, and inside it
+        if not _inside(root, sec.timing_cache):
+            raise UserError(f"{root / BUNDLE_JSON}: engine.timing_cache {sec.timing_cache!r} is outside the bundle")
+        sec.timing_cache = str(root / sec.timing_cache)
     return sec
 
 
@@ -183,7 +204,7 @@ def verify_bundle(root: Path, backend: str = "auto", require_trt: bool = False) 
     """Check, run and gate the bundle at `root`; writes `root/edge_report.json` and returns the report."""
     root = Path(root)
     info = load_bundle(root)
-    golden = load_golden(root)
+    golden = load_golden(root, info["files"])
     backend, note = choose_backend(backend, require_trt)
     print(note, flush=True)
     rows = [{"backend": backend, **run_row(p, model, make, golden, info)}
@@ -248,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a read-only bundle: edge_report.json (and plans/) are written into it
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        print(f"error: cannot write into the bundle ({e.filename}: {e.strerror}); extract it where you can write",
+              file=sys.stderr)
+        return 2
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

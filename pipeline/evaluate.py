@@ -10,7 +10,18 @@ from tqdm import tqdm
 
 from pipeline.backends.base import Runner
 from pipeline.data.datasets import Pair
-from pipeline.metrics import psnr_rgb, psnr_y, ssim_y
+from pipeline.errors import UserError
+from pipeline.metrics import SSIM_WINDOW, psnr_rgb, psnr_y, ssim_y
+
+
+def check_size(pair: Pair, scale: int) -> None:
+    """A UserError naming an image too small to score: SSIM needs its window after shaving `scale` per border."""
+    h, w = pair.hr.shape[:2]
+    if min(h, w) - 2 * scale < SSIM_WINDOW:
+        side = SSIM_WINDOW + 2 * scale
+        raise UserError(f"eval image {pair.name!r} is too small ({w}x{h} HR after mod-crop): scoring at x{scale} "
+                        f"needs at least {side}x{side} ({SSIM_WINDOW}x{SSIM_WINDOW} for SSIM after shaving {scale} "
+                        "pixels per border); remove it from the eval data")
 
 
 def evaluate(runner: Runner, pairs: Collection[Pair], scale: int, progress: bool = True,
@@ -19,6 +30,7 @@ def evaluate(runner: Runner, pairs: Collection[Pair], scale: int, progress: bool
     rows = []
     s = scale
     for pair in tqdm(pairs, total=len(pairs), desc=f"eval {runner.name}", unit="img", disable=not progress, leave=False):
+        check_size(pair, s)
         sr = runner.infer(pair.lr)
         rows.append({"name": pair.name, "psnr_y": psnr_y(sr, pair.hr, s), "ssim_y": ssim_y(sr, pair.hr, s),
                      "psnr_rgb": psnr_rgb(sr, pair.hr, s)})

@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = ["psnr_rgb", "psnr_y", "rgb_to_y", "ssim_y", "to_uint8"]
 
+SSIM_WINDOW = 11  # side of the Gaussian window: an image must be at least this large after shaving
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966])  # BT.601 for R, G, B in [0, 1]; Y in [16, 235]
 
 
@@ -72,7 +73,7 @@ def psnr_rgb(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
     return _psnr(sr.astype(np.float64), hr.astype(np.float64))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> np.ndarray:
     """1-D normalised Gaussian; its outer product with itself is MATLAB's fspecial('gaussian', 11, 1.5)."""
     x = np.arange(size) - (size - 1) / 2
     g = np.exp(-(x**2) / (2 * sigma**2))

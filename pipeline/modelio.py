@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models import (PRESETS, SRNet, count_flops, count_params, create_model, load_published, model_from_checkpoint,
-                    read_torch_file)
+from models import (PRESETS, CheckpointError, SRNet, count_flops, count_params, create_model, load_published,
+                    model_from_checkpoint, read_torch_file)
 
 
 def load_model(path: Path, scale: int | None = None) -> SRNet:
@@ -14,7 +14,9 @@ def load_model(path: Path, scale: int | None = None) -> SRNet:
     A file for another scale than `scale` is a CheckpointError. Never runs code from the file (weights_only).
     """
     raw = read_torch_file(path)
-    if isinstance(raw, dict) and "format" in raw:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint or a state dict")
+    if "format" in raw:
         return model_from_checkpoint(raw, expect_scale=scale, name=f"checkpoint {path}")
     return load_published(raw, scale=scale, name=f"weights {path}")
 

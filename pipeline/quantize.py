@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import zipfile
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,18 @@ def load_calibration(path: Path, count: int, crop: int, scale: int) -> dict[str,
             calib = {k: z[k] for k in ("lr", "hr", "holdout", "scale", "seed")}
     except FileNotFoundError:
         raise UserError(f"calibration set {path} does not exist") from None
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{path} is not a calibration set of `pipeline quantize` ({e})") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a calibration set of `pipeline quantize` (truncated or corrupt? "
+                        f"{type(e).__name__}: {e})") from None
+    lr, hr, hold = calib["lr"], calib["hr"], calib["holdout"]
+    if (lr.dtype != np.uint8 or lr.ndim != 4 or lr.shape[3] != 3 or calib["scale"].shape != ()
+            or hr.shape != (lr.shape[0], lr.shape[1] * int(calib["scale"]), lr.shape[2] * int(calib["scale"]), 3)
+            or hold.dtype != bool or hold.shape != lr.shape[:1]):
+        raise UserError(f"{path} is not a calibration set of `pipeline quantize` (lr {lr.dtype} {lr.shape}, "
+                        f"hr {hr.shape}, holdout {hold.dtype} {hold.shape})")
+    if hold.all() or not hold.any():
+        raise UserError(f"{path} has {'no' if not hold.any() else 'only'} held-out crops: quantize needs crops to "
+                        "calibrate on and held-out crops to measure the INT8 models")
     n, h, w = calib["lr"].shape[:3]
     if int(calib["scale"]) != scale:
         raise UserError(f"{path} was made for x{int(calib['scale'])}, this run is x{scale}")

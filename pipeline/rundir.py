@@ -1,13 +1,19 @@
 """The run directory: every artifact of a run, and `manifest.json` recording how each one was made.
 
-A stage declares its inputs (files) and the config it depends on; together they give the stage a key. When the
-manifest holds the same key for the stage and every recorded output is still there with its recorded sha256, the
-stage is up to date and is skipped.
+A stage declares its inputs (files) and the config it depends on; together they give the stage a key: the config,
+and each input's sha256 under its path relative to the run directory (inputs from elsewhere by content alone), so a
+run directory that is copied or moved keeps its keys. When the manifest holds the same key for the stage and every
+recorded output is still there with its recorded sha256, the stage is up to date and is skipped.
+
+One writer at a time: the commands that write a run directory hold an exclusive `flock` on its `.lock` file;
+readers (`pipeline bundle`, `verify` on a read-only run directory) take it shared where they can.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +28,8 @@ from typing import Any
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # flock'ed by the process writing the run directory; holds its description
+LOCK_WAIT_S = 5.0  # how long a second writer waits for the first before it gives up
 # The artifacts the stages write, by name; every module that opens one takes its name from here.
 STUDENT, CALIB = "student.pt", "calib.npz"
 ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx",
@@ -78,17 +86,119 @@ class RunDir:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def check_folder(self, must_exist: bool = False) -> None:
+        """A UserError when the run directory is a file, or (`must_exist`) is missing; it is never created here."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--run-dir {self.root} is a file, not a run directory")
+        if must_exist and not self.root.is_dir():
+            raise UserError(f"no run directory {self.root} (mistyped --run-dir?)")
+
+    def writable(self) -> bool:
+        return os.access(self.root, os.W_OK)
+
+    @contextlib.contextmanager
+    def lock(self, command: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the run directory's lock while `command` runs: exclusive for a writer (the folder is created, and
+        temporaries a killed writer left are removed), shared for a reader (and none where the lock file cannot be
+        opened: a read-only run directory that no writer ever locked). A second writer, or a reader while a writer
+        holds it, waits up to LOCK_WAIT_S, then gets a UserError naming the holder."""
+        path = self.path(LOCK)
+        if shared:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                yield
+                return
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                if not self.writable():
+                    raise PermissionError(errno.EACCES, "read-only")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot write the run directory {self.root} ({e.strerror}); `pipeline {command}` "
+                                "writes into it") from None
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+                        raise UserError(f"the run directory {self.root} is in use by {holder}; one command writes a "
+                                        "run directory at a time: wait for it to finish") from None
+                    time.sleep(0.05)
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} (`pipeline {command}`, since "
+                              f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')})\n".encode(), 0)
+                self._remove_temporaries()
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _remove_temporaries(self) -> None:
+        """What a killed writer left: `.export-*` folders and `.<name>.*.tmp` files (atomic writes, checkpoints)."""
+        import shutil
+
+        for tmp in self.root.glob(".export-*"):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("*/.*.tmp")]:
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
     def _load(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {"stages": {}, "artifacts": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{self.manifest_path} is corrupt ({e}); move it away to start the run afresh") from None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)
+                and isinstance(manifest.get("artifacts"), dict)):
+            raise UserError(f"{self.manifest_path} is corrupt (no 'stages' and 'artifacts' tables); move it away to "
+                            "start the run afresh")
+        return manifest
+
+    def _name(self, path: Path) -> str:
+        """An input's name in keys and records: relative to the run directory, or (from elsewhere) its path."""
+        path = Path(path).resolve()
+        root = self.root.resolve()
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+    def _input_digests(self, inputs: list[Path]) -> dict[str, str]:
+        return {self._name(p): sha256_file(p) for p in inputs}
 
     def stage_key(self, stage: str, config: dict[str, Any], inputs: list[Path]) -> str:
-        payload = {"stage": stage, "config": config, "inputs": {str(p): sha256_file(p) for p in inputs}}
+        """The key of `stage` with `config` and `inputs`; an input of this run that differs from its record in the
+        manifest (changed after the stage that made it) is a UserError."""
+        digests = self._input_digests(inputs)
+        recorded = self._load()["artifacts"]
+        changed = [name for name, digest in digests.items() if name in recorded and recorded[name]["sha256"] != digest]
+        if changed:
+            raise UserError(f"{stage}: {', '.join(changed)} in {self.root} differ(s) from the sha256 in {MANIFEST} "
+                            "(changed after the stage that made it, or that stage was interrupted); redo that stage "
+                            "first")
+        return self._key(stage, config, digests)
+
+    def _key(self, stage: str, config: dict[str, Any], digests: dict[str, str]) -> str:
+        relative = {name: d for name, d in digests.items() if not Path(name).is_absolute()}
+        external = sorted(d for name, d in digests.items() if Path(name).is_absolute())  # by content alone
+        payload = {"stage": stage, "config": config, "inputs": relative, "external_inputs": external}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def recorded_sha256(self, name: str) -> str | None:
+        art = self._load()["artifacts"].get(name)
+        return None if art is None else art["sha256"]
+
+    def is_recorded(self, stage: str, name: str) -> bool:
+        """`name` is an output the manifest records for `stage`, and the file still has the recorded sha256."""
+        path, digest = self.path(name), self.recorded_sha256(name)
+        return (name in self._load()["stages"].get(stage, {}).get("outputs", []) and digest is not None
+                and path.is_file() and sha256_file(path) == digest)
 
     def is_current(self, stage: str, key: str, outputs: list[str] | None = None) -> bool:
         """Same key, every recorded output unchanged, and (when given) the recorded outputs are `outputs`."""
@@ -103,12 +213,17 @@ class RunDir:
         return True
 
     def record(self, stage: str, key: str, config: dict[str, Any], inputs: list[Path], outputs: list[str]) -> None:
-        """Record a finished stage and its output artifacts (names relative to the run directory)."""
+        """Record a finished stage and its output artifacts (names relative to the run directory). A UserError, with
+        nothing recorded, when an input changed while the stage ran (its outputs would not match its inputs)."""
+        digests = self._input_digests(inputs)
+        if self._key(stage, config, digests) != key:
+            raise UserError(f"{stage}: an input ({', '.join(digests) or 'none'}) changed while the stage ran; its "
+                            f"outputs are not recorded in {MANIFEST}: run it again")
         manifest = self._load()
         made = {
             "stage": stage,
             "config": config,
-            "inputs": {str(p): sha256_file(p) for p in inputs},
+            "inputs": digests,
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -9,12 +9,12 @@ import numpy as np
 
 from pipeline.data.imageio import list_images, read_rgb
 from pipeline.data.imresize import modcrop
+from pipeline.degrade import SCALES
 from pipeline.errors import UserError
-from pipeline.metrics import psnr_rgb, psnr_y, ssim_y
+from pipeline.metrics import SSIM_WINDOW, psnr_rgb, psnr_y, ssim_y
 
 __all__ = ["format_table", "match_pairs", "score_folders"]
 
-_SSIM_WINDOW = 11
 _COLUMNS = (("psnr_y", "PSNR-Y (dB)"), ("ssim_y", "SSIM-Y"), ("psnr_rgb", "PSNR-RGB (dB)"))
 
 
@@ -76,8 +76,8 @@ def score_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike, scale: i
     HR images are mod-cropped to multiples of `scale` here (the originals, not pre-cropped, are expected);
     the SR image must then have exactly the cropped HR size.
     """
-    if scale < 1:
-        raise UserError(f"scale must be a positive integer, got {scale}")
+    if scale not in SCALES:
+        raise UserError(f"scale must be one of {', '.join(map(str, SCALES))}, got {scale}")
     rows = []
     for sr_path, hr_path in match_pairs(sr_dir, hr_dir):
         sr, hr = read_rgb(sr_path), modcrop(read_rgb(hr_path), scale)
@@ -86,9 +86,9 @@ def score_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike, scale: i
                 f"{sr_path.name}: SR is {sr.shape[1]}x{sr.shape[0]} but HR {hr_path.name} mod-cropped to "
                 f"multiples of {scale} is {hr.shape[1]}x{hr.shape[0]} (W x H)"
             )
-        if min(hr.shape[:2]) - 2 * scale < _SSIM_WINDOW:
+        if min(hr.shape[:2]) - 2 * scale < SSIM_WINDOW:
             raise UserError(
-                f"{hr_path.name} is too small to score: SSIM needs {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels after "
+                f"{hr_path.name} is too small to score: SSIM needs {SSIM_WINDOW}x{SSIM_WINDOW} pixels after "
                 f"shaving {scale} from every border"
             )
         rows.append(

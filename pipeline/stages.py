@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch.distributed as dist
 
-from models import count_flops, count_params, load_checkpoint
+from models import count_flops, count_params, load_checkpoint, read_torch_file
 from pipeline.backends.base import BicubicRunner, Runner, latency
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline import study
@@ -60,7 +60,7 @@ def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], in
                  final_path)
         return final_path
     last = work / "last.pt"
-    if last.exists() and not resume and not force:
+    if last.exists() and not resume and not force and not _finished(run, stage, final, last):
         done = load_checkpoint(last).get("iteration", "?")
         raise UserError(f"an earlier run left {last} (iteration {done}): pass --resume to continue it, "
                         "or --force to start over")
@@ -71,6 +71,17 @@ def _train_stage(stage: str, run: RunDir, final: str, config: dict[str, Any], in
     if dist.is_initialized():
         dist.barrier()  # the other ranks read what rank 0 has just written
     return final_path
+
+
+def _finished(run: RunDir, stage: str, final: str, last: Path) -> bool:
+    """`last` is the resume state of the finished run that made `final` (recorded in the manifest), not of an
+    interrupted one: same config, and it reached that config's last iteration."""
+    if not run.is_recorded(stage, final):
+        return False
+    state, made = load_checkpoint(last), load_checkpoint(run.path(final))
+    config = state.get("config")
+    return (isinstance(config, dict) and config == made.get("config")
+            and state.get("iteration") == config.get("train", {}).get("iters"))
 
 
 def stage_teacher(cfg: Config, run: RunDir, *, resume: bool = False, force: bool = False,
@@ -284,6 +295,7 @@ def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False
         log.info("export: up to date, skipping (%s, %s)", run.path(FP32_ONNX), run.path(FP16_ONNX))
         return run.path(FP32_ONNX), run.path(FP16_ONNX)
     model = load_model(student, cfg.scale)
+    _check_student(cfg, run, student, force)
     meta = export.model_meta(model, sha256_file(student), _config_hash(c))
     images = []
     for pair in PairFolder(cfg.data.eval, cfg.scale):
@@ -312,6 +324,31 @@ def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False
     run.record("export", key, config, [student], outputs)
     log.info("export: %s, %s", run.path(FP32_ONNX), run.path(FP16_ONNX))
     return run.path(FP32_ONNX), run.path(FP16_ONNX)
+
+
+def _check_student(cfg: Config, run: RunDir, student: Path, force: bool) -> None:
+    """Exporting a checkpoint that is not the run's student replaces the run's models: only with `force`, and said."""
+    own = run.path(STUDENT)
+    if student.resolve() == own.resolve():
+        return
+    raw = read_torch_file(student)
+    info = raw if isinstance(raw, dict) else {}
+    why = []
+    if info.get("role") not in (None, "student"):
+        why.append(f"it is a {info['role']}")
+    if info.get("preset") not in (None, cfg.model.student):
+        why.append(f"its preset is {info['preset']!r}, the config's student is {cfg.model.student!r}")
+    recorded = run.recorded_sha256(STUDENT) or (sha256_file(own) if own.is_file() else None)
+    if recorded is not None and sha256_file(student) != recorded:
+        why.append(f"its sha256 differs from the run's {STUDENT}")
+    if not why:
+        return
+    replaced = [n for n in (FP32_ONNX, FP16_ONNX) if run.path(n).exists()]
+    what = f"{', '.join(replaced)} of {run.root}" if replaced else f"the ONNX models of {run.root}"
+    if not force:
+        raise UserError(f"--student {student} is not this run's student ({'; '.join(why)}); its export would replace "
+                        f"{what}: pass --force to do that")
+    log.warning("export: replacing %s with the export of %s (%s)", what, student, "; ".join(why))
 
 
 def _config_hash(config: dict[str, Any]) -> str:
@@ -402,7 +439,6 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
     when a gate fails (after the report is written) or a backend in `require` could not run."""
     from pipeline import verify
-    from pipeline.backends.ort_runner import read_meta
     from pipeline.report import REPORT_FILES, format_rows, write_report
 
     needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",
@@ -410,27 +446,30 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     missing = [f"{name} (made by `{cmd}`)" for name, cmd in needed.items() if not run.path(name).exists()]
     if missing:
         raise UserError(f"cannot verify {run.root}: missing {', '.join(missing)}")
-    for precision, name in ONNX.items():
-        meta = read_meta(run.path(name))
-        if meta["precision"] != precision:
-            raise UserError(f"{run.path(name)} holds a {meta['precision']} model, expected {precision}")
+    check_models_of_student(run.root)
     plans = [run.path(p) for p in PLANS.values() if run.path(p).exists()]
     inputs = [run.path(n) for n in needed] + plans
     config = {"scale": cfg.scale, "data.eval": cfg.data.eval, "verify": cfg.to_dict()["verify"],
               "require": sorted(require), "machine": verify.machine()}
     key = run.stage_key("verify", config, inputs)
     out = run.path(REPORT_JSON)
-    if not force and run.is_current("verify", key):
+    written = not force and run.is_current("verify", key)
+    if written:
         log.info("verify: up to date, skipping (%s)", out)
         report = json.loads(out.read_text())
     else:
         student = load_model(run.path(STUDENT), cfg.scale)
         report, crops = verify.verify(cfg, verify.candidates(run.root, student), list(require), progress)
-        write_json_atomic(out, report)
-        write_report(run.root, report, crops)
-        run.record("verify", key, config, inputs, [REPORT_JSON, *REPORT_FILES])
+        written = run.writable()
+        if written:
+            write_json_atomic(out, report)
+            write_report(run.root, report, crops)
+            run.record("verify", key, config, inputs, [REPORT_JSON, *REPORT_FILES])
+        else:
+            log.warning("verify: %s is read-only: the report is printed, not written", run.root)
     print(format_rows(report))
-    print(f"report: {run.path('report.md')}")
+    if written:
+        print(f"report: {run.path('report.md')}")
     if not report["passed"]:
         raise GateFailed("verify failed:\n  " + "\n  ".join(verify.failing(report)))
     return out
@@ -470,6 +509,21 @@ def summarize(cfg: Config, run: RunDir, teacher: Path, student: Path) -> dict[st
         "", "the student recovers " + (f"{share:.0%}" if share is not None else "n/a (the teacher does not beat "
                                        "bicubic)") + " of the teacher's gain over bicubic"]))
     return summary
+
+
+def check_models_of_student(root: Path) -> None:
+    """Every ONNX model of the run holds its precision and was exported from the run's `student.pt`; else a
+    UserError (verify and the bundle's golden set compare the models with that student)."""
+    from pipeline.backends.ort_runner import read_meta
+
+    student_sha = sha256_file(root / STUDENT)
+    for precision, name in ONNX.items():
+        meta = read_meta(root / name)
+        if meta["precision"] != precision:
+            raise UserError(f"{root / name} holds a {meta['precision']} model, expected {precision}")
+        if meta["source_checkpoint_sha256"] != student_sha:
+            raise UserError(f"{root / name} was exported from another checkpoint than {root / STUDENT}: redo "
+                            "`pipeline export` and `pipeline quantize` from it")
 
 
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,

@@ -31,9 +31,9 @@ from tqdm import tqdm
 from models import SRNet, create_model, load_checkpoint, save_checkpoint
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config, TrainSection
-from pipeline.data.datasets import PairFolder, PatchSampler
+from pipeline.data.datasets import ImageTooSmall, PairFolder, PatchSampler
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.evaluate import evaluate, mean_row
+from pipeline.evaluate import check_size, evaluate, mean_row
 
 log = logging.getLogger("pipeline")
 
@@ -108,8 +108,12 @@ def batch_generator(seed: int, it: int) -> torch.Generator:
 
 def load_train_patches(cfg: Config, progress: bool) -> PatchSampler:
     data, _val = PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)
-    pairs = list(tqdm(data, total=len(data), desc=f"load {cfg.data.train}", unit="img", disable=not progress,
-                      leave=False))
+    pairs = []
+    for i in tqdm(range(len(data)), desc=f"load {cfg.data.train}", unit="img", disable=not progress, leave=False):
+        try:
+            pairs.append(data.load(i))
+        except ImageTooSmall as e:
+            log.warning("skipping a training image: %s", e)
     return PatchSampler(pairs, cfg.train.lr_patch, cfg.scale)
 
 
@@ -184,6 +188,8 @@ def fit(
 
     sampler = load_train_patches(cfg, progress and ctx.is_main)
     eval_pairs = list(PairFolder(cfg.data.eval, cfg.scale)) if ctx.is_main else []
+    for pair in eval_pairs:  # before training, not at its first evaluation
+        check_size(pair, cfg.scale)
     log.info("%s: %d training images, %d eval images, %d iterations of %d patches on %s x %d", label, len(sampler),
              len(eval_pairs), t.iters, t.batch, ctx.device, ctx.world)
 

@@ -20,6 +20,8 @@ def collect_inputs(inputs: list[Path], out: Path, overwrite: bool = False) -> li
     """(input image, output path) pairs: files as given, folders' images (non-recursive); file names kept.
     Refuses non-images, an output folder that is an input folder, two inputs with the same name, and outputs that
     exist already (unless `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is not a folder; name a folder (it is created if missing)")
     out_dir = out.resolve()
     pairs: dict[str, Path] = {}
     for item in inputs:

@@ -143,7 +143,8 @@ def test_an_existing_out_is_refused_and_force_replaces_it_whole(cfg, exported_ru
     with pytest.raises(UserError, match="would replace the run directory"):
         make_bundle(cfg, exported_run, exported_run, force=True, progress=False)
 
-    out.mkdir()
+    tarball.unlink()
+    assert make_bundle(cfg, exported_run, out, progress=False) == tarball
     (out / "mine.txt").write_text("old")
     assert make_bundle(cfg, exported_run, out, force=True, progress=False) == tarball
     assert not (out / "mine.txt").exists() and (out / "bundle.json").exists()

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.config import parse_size
 from pipeline.data.imresize import bicubic_upscale
+from pipeline.errors import UserError
 from pipeline.metrics import to_uint8
 
 
@@ -70,10 +71,20 @@ class Runner:
         for group in whole.values():
             for start in range(0, len(group), self.batch):
                 idx = group[start:start + self.batch]
-                sr = self.forward(np.stack([_to_chw(lrs[i]) for i in idx]))
+                sr = self._forward_checked(np.stack([_to_chw(lrs[i]) for i in idx]))
                 for i, img in zip(idx, sr):
                     out[i] = to_uint8(img.transpose(1, 2, 0))
         return out  # type: ignore[return-value]
+
+    def _forward_checked(self, x: np.ndarray) -> np.ndarray:
+        """`forward`, refusing an output that is not `scale` times the input (a model file whose metadata lies)."""
+        sr = self.forward(x)
+        n, _, h, w = x.shape
+        s = self.scale
+        if sr.shape != (n, 3, h * s, w * s):
+            raise UserError(f"{self.name} gives {'x'.join(map(str, sr.shape))} for an input of {n}x3x{h}x{w}, not the "
+                            f"x{s} ({n}x3x{h * s}x{w * s}) that its scale says: the model is not what it claims")
+        return sr
 
     def _tile_grid(self, hw: tuple[int, int]) -> tuple[list[int], list[int], int, int] | None:
         """Tile origins along y and x and the tile size, or None when the image goes through whole."""
@@ -95,7 +106,7 @@ class Runner:
         origins = [(y, x) for y in ys for x in xs]
         for start in range(0, len(origins), self.batch):
             chunk = origins[start:start + self.batch]
-            sr = self.forward(np.stack([_to_chw(lr[y:y + th, x:x + tw]) for y, x in chunk]))
+            sr = self._forward_checked(np.stack([_to_chw(lr[y:y + th, x:x + tw]) for y, x in chunk]))
             for (y, x), tile in zip(chunk, sr):
                 wy = _ramp(th * s, self.overlap * s, y > 0, y + th < h)
                 wx = _ramp(tw * s, self.overlap * s, x > 0, x + tw < w)

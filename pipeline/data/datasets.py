@@ -37,6 +37,10 @@ class Pair:
     hr: np.ndarray  # (h*s, w*s, 3) uint8, mod-cropped
 
 
+class ImageTooSmall(UserError):
+    """An HR image smaller than the scale: it has no LR image."""
+
+
 def check_scale(scale: int) -> None:
     if scale not in SCALES:
         raise UserError(f"scale must be one of {', '.join(map(str, SCALES))}, got {scale}")
@@ -88,12 +92,16 @@ class PairFolder:
         raise UserError(f"dataset {self.folder}: no LR image for {hr_file.name} in {self.lr_dir}")
 
     def load(self, i: int) -> Pair:
+        """The i-th pair; an HR image smaller than the scale is an ImageTooSmall error naming it."""
         hr_file = self.hr_files[i]
+        hr = read_rgb(hr_file)
+        if min(hr.shape[:2]) < self.scale:
+            raise ImageTooSmall(f"{hr_file} is too small ({hr.shape[1]}x{hr.shape[0]}) for x{self.scale}")
         if self.lr_dir is None:
-            hr, lr = degrade(read_rgb(hr_file), self.scale)
+            hr, lr = degrade(hr, self.scale)
         else:
             lr_file = self._lr_file(hr_file)
-            hr, lr = modcrop(read_rgb(hr_file), self.scale), read_rgb(lr_file)
+            hr, lr = modcrop(hr, self.scale), read_rgb(lr_file)
             if (lr.shape[0] * self.scale, lr.shape[1] * self.scale) != hr.shape[:2]:
                 raise UserError(
                     f"{lr_file}: LR size {lr.shape[1]}x{lr.shape[0]} times {self.scale} does not match the "
