@@ -95,21 +95,24 @@ def stage_teacher(cfg: Config, run: RunDir, *, resume: bool = False, force: bool
                         resume=resume, force=force)
 
 
-def resolve_teacher(cfg: Config, run: RunDir, given: Path | None, *, resume: bool = False, force: bool = False,
-                    progress: bool = True) -> Path:
-    """The teacher to distil from: `given`; else the run's own (made by `pipeline teacher`, or interrupted); else the
-    shipped teacher of `model.teacher` at this scale; else one trained now by the teacher stage."""
+def resolve_teacher(cfg: Config, run: RunDir, given: Path | None, *, refresh_own: bool = False, resume: bool = False,
+                    force: bool = False, progress: bool = True) -> Path:
+    """The teacher to distil from: `given`; else the run's own, made by `pipeline teacher` (with `refresh_own`, as
+    `all` does, the teacher stage first redoes it when its config changed; an interrupted one is resumed or refused by
+    that stage); else the shipped teacher of `model.teacher` at this scale; else one trained now."""
     if given is not None:
         load_model(given, cfg.scale)  # fail early on a wrong checkpoint
         return given
-    started = run.path(TEACHER).exists() or (run.path(TEACHER.removesuffix(".pt")) / "last.pt").exists()
-    if not started:
+    own, interrupted = run.path(TEACHER), (run.path(TEACHER.removesuffix(".pt")) / "last.pt").exists()
+    if own.exists() and not refresh_own:
+        return own
+    if not own.exists() and not interrupted:
         shipped = shipped_teacher(cfg.model.teacher, cfg.scale)
         if shipped is not None:
             log.info("teacher: the shipped %s x%d teacher (%s)", cfg.model.teacher, cfg.scale, shipped)
             return shipped
         log.info("teacher: no %s teacher is shipped for x%d; training one into %s", cfg.model.teacher, cfg.scale,
-                 run.path(TEACHER))
+                 own)
     return stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
 
 
@@ -530,7 +533,7 @@ def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bo
             progress: bool = True) -> None:
     """teacher (given, the run's own, shipped, or trained) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
     quantize -> build (where TensorRT runs) -> verify (with its gates)."""
-    teacher = resolve_teacher(cfg, run, teacher, resume=resume, force=force, progress=progress)
+    teacher = resolve_teacher(cfg, run, teacher, refresh_own=True, resume=resume, force=force, progress=progress)
     student = stage_distill(cfg, run, teacher, resume=resume, force=force, progress=progress)
     if is_main_process():
         stage_eval(cfg, run, teacher, student, force=force, progress=progress)

@@ -204,7 +204,7 @@ def test_a_copied_finished_run_is_up_to_date_and_a_changed_config_retrains(tmp_p
     logs = ("run.log", ".lock")
     assert {k: v for k, v in _digests(moved).items() if k not in logs} == {k: v for k, v in before.items()
                                                                            if k not in logs}
-    assert (moved / "run.log").read_text().count("up to date") == 2
+    assert (moved / "run.log").read_text().count("up to date") == 2  # teacher, distill
     assert main(["-q", "distill", "--run-dir", str(moved), *TINY, "--set", "train.iters=6"]) == 0  # redone, not refused
     assert load_checkpoint(moved / "student.pt")["config"]["train"]["iters"] == 6
 
@@ -305,7 +305,8 @@ def test_training_skips_images_too_small_to_degrade_and_eval_refuses_them(tmp_pa
     write_rgb(data / "big.png", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
     write_rgb(data / "dot.png", rng.integers(0, 256, (1, 1, 3), dtype=np.uint8))
     run = tmp_path / "run"
-    args = [*TINY, "--set", "train.iters=2", "--set", "train.ckpt_every=2", "--set", f'data.train="{data}"']
+    args = [*TINY, "--set", "train.iters=2", "--set", "train.ckpt_every=2", "--set", f'data.train="{data}"',
+            "--set", "data.val_count=0"]
     assert main(["teacher", "--run-dir", str(run), *args]) == 0
     assert "dot" in capsys.readouterr().err  # the warning names the skipped image
     assert main(["-q", "teacher", "--run-dir", str(tmp_path / "run2"), *args, "--set", f'data.eval="{data}"']) == 2
