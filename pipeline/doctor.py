@@ -62,6 +62,18 @@ def cpu_info() -> dict[str, Any]:
             "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
+def int8_dot_product(flags: list[str]) -> str:
+    """How ONNX Runtime's U8S8 kernels multiply on a CPU with these flags: 'amx' (AMX-INT8 tiles) and 'vnni'
+    (VPDPBUSD) accumulate u8 x s8 products exactly in int32; 'vpmaddubsw' (AVX2, AVX-512 without VNNI) first sums
+    each pair of products into a saturating int16, exact only while a pair stays within 32767 (7-bit weights);
+    'unknown' elsewhere (no AVX2, or not x86)."""
+    if "amx_int8" in flags:
+        return "amx"
+    if {"avx512_vnni", "avx_vnni"} & set(flags):
+        return "vnni"
+    return "vpmaddubsw" if "avx2" in flags else "unknown"
+
+
 def _gpu() -> dict[str, Any]:
     query = "--format=csv,noheader"
     out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", query]) or _run(
@@ -152,12 +164,16 @@ def enables(report: dict[str, Any]) -> dict[str, str]:
         why = nvcc.get("reason") or nvcc.get("error")
         out["fused CUDA kernel"] = f"no ({why}) -> chunked PyTorch loss"
     out["training"] = f"GPU ({torch['device']})" if torch.get("cuda") else "CPU only (torch sees no CUDA GPU)"
-    if "amx_int8" in flags:
-        out["INT8 on the CPU"] = "AMX-INT8 and VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
-    elif {"avx512_vnni", "avx_vnni"} & set(flags):
-        out["INT8 on the CPU"] = "VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
-    else:
-        out["INT8 on the CPU"] = "no VNNI/AMX flags: small INT8 gains on the CPU"
+    out["INT8 on the CPU"] = {
+        "amx": "AMX-INT8: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what it computes "
+               "on every x86 CPU",
+        "vnni": "VNNI: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what it computes "
+                "on every x86 CPU",
+        "vpmaddubsw": "no VNNI/AMX: ONNX Runtime's U8S8 kernels sum u8 x s8 pairs in a saturating int16 "
+                      "(VPMADDUBSW); student.int8-cpu.onnx keeps its weights 7-bit so it is exact here too, an INT8 "
+                      "model with 8-bit weights (e.g. student.int8.onnx) is not",
+        "unknown": "no AVX2: integer kernels of unknown speed; verify gates the INT8 models here",
+    }[int8_dot_product(flags)]
     return out
 
 
