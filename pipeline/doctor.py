@@ -1,5 +1,5 @@
-"""`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, torch,
-nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, fast CPU INT8).
+"""`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, OpenVINO,
+torch, nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, fast CPU INT8).
 
 Every probe fails softly: a missing binary or module, a failing or hanging command (timeout) or an unexpected
 exception becomes a line saying why, never a crash. TensorRT and cuda-python are reached only through
@@ -114,6 +114,17 @@ def _onnxruntime() -> dict[str, Any]:
     return {"version": ort.__version__, "providers": ort.get_available_providers()}
 
 
+def _openvino() -> dict[str, Any]:
+    from pipeline.backends.openvino_runner import openvino_status
+
+    ok, why = openvino_status()
+    if not ok:
+        return {"version": None, "reason": why}
+    import openvino
+
+    return {"version": why.removeprefix("OpenVINO "), "devices": openvino.Core().available_devices}
+
+
 def _torch() -> dict[str, Any]:
     try:
         import torch
@@ -164,6 +175,10 @@ def enables(report: dict[str, Any]) -> dict[str, str]:
         why = nvcc.get("reason") or nvcc.get("error")
         out["fused CUDA kernel"] = f"no ({why}) -> chunked PyTorch loss"
     out["training"] = f"GPU ({torch['device']})" if torch.get("cuda") else "CPU only (torch sees no CUDA GPU)"
+    ov = report.get("openvino", {})
+    out["OpenVINO"] = (f"yes ({ov['version']}) -> verify rows, the default CPU backend of upscale and edge verify"
+                       if ov.get("version") else
+                       f"no ({ov.get('reason') or ov.get('error')}) -> ONNX Runtime on the CPU")
     out["INT8 on the CPU"] = {
         "amx": "AMX-INT8: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what it computes "
                "on every x86 CPU",
@@ -187,6 +202,7 @@ def doctor_report() -> dict[str, Any]:
         "tensorrt": _soft(_tensorrt),
         "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
         "onnxruntime": _soft(_onnxruntime),
+        "openvino": _soft(_openvino),
         "torch": _soft(_torch),
         "nvcc": _soft(_nvcc),
     }
@@ -212,6 +228,8 @@ def format_doctor(report: dict[str, Any]) -> str:
         "cuda-python": report["cuda_python"] or "not installed",
         "ONNX Runtime": _line(ort, lambda o: f"{o['version']} ({', '.join(o['providers'])})" if o["version"]
                               else "not installed"),
+        "OpenVINO": _line(report["openvino"], lambda o: f"{o['version']} ({', '.join(o['devices'])})"
+                          if o["version"] else "not installed"),
         "torch": _line(torch, lambda t: (f"{t['version']}, CUDA " + (f"available ({t['device']})" if t["cuda"]
                        else "not available")) if t["version"] else "not installed"),
         "nvcc": _line(nvcc, lambda n: f"{n['version']} ({n['path']})" if n["version"] else n["reason"]),

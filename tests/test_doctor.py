@@ -130,3 +130,10 @@ def test_what_the_machine_enables(report, expected):
 ])
 def test_int8_dot_product_kind_from_cpu_flags(flags, kind):
     assert doctor.int8_dot_product(list(flags)) == kind
+
+
+def test_openvino_line():
+    found = enables({**_report(False, False, None), "openvino": {"version": "2026.4.1", "devices": ["CPU"]}})
+    assert found["OpenVINO"] == "yes (2026.4.1) -> verify rows, the default CPU backend of upscale and edge verify"
+    missing = enables({**_report(False, False, None), "openvino": {"version": None, "reason": "openvino is not installed"}})
+    assert missing["OpenVINO"] == "no (openvino is not installed) -> ONNX Runtime on the CPU"
