@@ -68,8 +68,8 @@ def upscale(runner: Runner, pairs: list[tuple[Path, Path]], progress: bool = Tru
 def choose_backend(precision: str | None, run_root: Path, model: Path | None) -> tuple[str, str]:
     """`--backend auto`: (backend, why), the fastest one that is installed here, can run the model and has not
     failed its gate in the run's `report.json`: a TensorRT plan, ONNX Runtime on a GPU provider, OpenVINO on the
-    CPU (FP32 and the CPU INT8 model: 0.5x ONNX Runtime's latency in benchmarks/results/export_cpu.md), else ONNX
-    Runtime on the CPU. A --model file's type decides for checkpoints and plans."""
+    CPU (FP32 and the CPU INT8 model; faster than ONNX Runtime's CPU provider in benchmarks/results/export_cpu_avx2*),
+    else ONNX Runtime on the CPU. A --model file's type decides for checkpoints and plans."""
     from pipeline.backends.openvino_runner import PRECISIONS as OPENVINO_PRECISIONS
     from pipeline.backends.openvino_runner import openvino_status
     from pipeline.backends.ort_runner import provider_status
