@@ -19,9 +19,9 @@ latency is meaningful, PSNR is not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import contextlib
 import os
 import signal
 import sys
