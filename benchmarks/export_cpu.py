@@ -176,7 +176,8 @@ def main() -> None:
     cpu = cpu_info()
     report: dict[str, Any] = {
         "benchmark": "export_cpu", "command": " ".join(["python", *sys.argv]), "machine": cpu,
-        "cpu_flags_checked": list(CPU_FLAGS), "int8_dot_product": int8_dot_product(cpu["flags"]), "versions": versions(),
+        "cpu_flags_checked": list(CPU_FLAGS), "int8_dot_product": int8_dot_product(cpu["flags"]),
+        "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"scale": SCALE, "batch": 1, "sizes": args.sizes, "warmup": args.warmup, "rounds": args.rounds,
                      "repeats": args.repeats, "quant": cfg.to_dict()["quant"]},

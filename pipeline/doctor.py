@@ -1,5 +1,6 @@
 """`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, OpenVINO,
-torch, nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, fast CPU INT8).
+torch, nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, OpenVINO,
+fast CPU INT8).
 
 Every probe fails softly: a missing binary or module, a failing or hanging command (timeout) or an unexpected
 exception becomes a line saying why, never a crash. TensorRT and cuda-python are reached only through

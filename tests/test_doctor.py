@@ -135,5 +135,6 @@ def test_int8_dot_product_kind_from_cpu_flags(flags, kind):
 def test_openvino_line():
     found = enables({**_report(False, False, None), "openvino": {"version": "2026.4.1", "devices": ["CPU"]}})
     assert found["OpenVINO"] == "yes (2026.4.1) -> verify rows, the default CPU backend of upscale and edge verify"
-    missing = enables({**_report(False, False, None), "openvino": {"version": None, "reason": "openvino is not installed"}})
+    absent = {"version": None, "reason": "openvino is not installed"}
+    missing = enables({**_report(False, False, None), "openvino": absent})
     assert missing["OpenVINO"] == "no (openvino is not installed) -> ONNX Runtime on the CPU"
