@@ -85,17 +85,20 @@ Everything needed to build and check the models on an edge device, without PyTor
 Python 3.10 or later with numpy and Pillow, and either
 - TensorRT (10.x or 11.x) with cuda-python (its major version matching CUDA: 12.x on JetPack 6): they come with
   JetPack or NVIDIA's containers; or
-- ONNX Runtime (`make deps` installs numpy, Pillow and onnxruntime with pip; onnxruntime-gpu for its CUDA provider).
+- ONNX Runtime (`make deps` installs numpy, Pillow and onnxruntime with pip; onnxruntime-gpu for its CUDA provider);
+  and/or OpenVINO (`pip install openvino`), the fastest on CPUs.
 
 ## Verify on the device
-    make verify                       # TensorRT where it is usable, else ONNX Runtime (and it says so)
+    make verify                       # the fastest backend installed here (and it says which)
     make verify REQUIRE=trt           # fail when TensorRT is not usable here
     make verify BACKEND=onnxruntime   # ONNX Runtime even where TensorRT is installed
+    make verify BACKEND=openvino      # OpenVINO on the CPU (FP32 and INT8)
     make verify PYTHON=/path/to/python
 
 First every file is checked against its sha256 in `bundle.json`. With TensorRT, the FP16 and INT8 plans are built
 into `plans/` for this GPU and TensorRT version (minutes on a Jetson; reused while nothing changes) and run. Without
-it, ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU (INT8 there: `student.int8-cpu.onnx`).
+it, ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else OpenVINO where installed runs FP32
+and INT8 on the CPU, else ONNX Runtime runs them on the CPU (INT8 on a CPU: `student.int8-cpu.onnx`). It prints which.
 Each precision runs the golden LR images and must stay within its gate of PyTorch's Y-PSNR against HR
 (FP32 {gate_fp32} dB, FP16 {gate_fp16} dB, INT8 {gate_int8} dB); then latency (p50/p95, batch 1) at LR {sizes}.
 
@@ -107,8 +110,8 @@ exit codes as its own "Error N").
 
 ## Which INT8 model for which device
 - `student.int8.onnx`: TensorRT (Jetson, NVIDIA GPUs). Signed symmetric, the form TensorRT takes.
-- `student.int8-cpu.onnx`: ONNX Runtime on CPUs (unsigned activations, which its CPU kernels run fastest). Not for
-  TensorRT.
+- `student.int8-cpu.onnx`: ONNX Runtime on CPUs (unsigned activations, which its CPU kernels run fastest), and
+  OpenVINO. 7-bit weights, so it computes the same on every x86 CPU, with or without VNNI. Not for TensorRT.
 """
 
 def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, progress: bool = True) -> Path:

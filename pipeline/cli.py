@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (never an input folder)")
     p.add_argument("--run-dir", type=Path, help="take the model from this run (default: runs/<config name>)")
     p.add_argument("--model", type=Path, help="a checkpoint (.pt), ONNX model (.onnx) or TensorRT plan (.plan) instead")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="onnxruntime",
-                   help="default: onnxruntime (CUDA / TensorRT provider when present, else CPU)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino", "tensorrt"], default="auto",
+                   help="default: auto, the fastest that is installed and passed verify's gate: a TensorRT plan, "
+                        "ONNX Runtime on a GPU, OpenVINO, else ONNX Runtime on the CPU (it says which)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                    help="default: the --model file's, else fp32 (fp16 for tensorrt); int8 on the CPU provider "
                         "takes the U8S8 CPU model")

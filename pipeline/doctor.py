@@ -1,5 +1,6 @@
-"""`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, torch,
-nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, fast CPU INT8).
+"""`pipeline doctor`: what this machine has (CPU, GPU and driver, CUDA, TensorRT, cuda-python, ONNX Runtime, OpenVINO,
+torch, nvcc) and what that enables (TensorRT engines, GPU ONNX Runtime, the fused CUDA kernel, GPU training, OpenVINO,
+fast CPU INT8).
 
 Every probe fails softly: a missing binary or module, a failing or hanging command (timeout) or an unexpected
 exception becomes a line saying why, never a crash. TensorRT and cuda-python are reached only through
@@ -54,6 +55,18 @@ def cpu_info() -> dict[str, Any]:
             "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
+def int8_dot_product(flags: list[str]) -> str:
+    """How ONNX Runtime's U8S8 kernels multiply on a CPU with these flags: 'amx' (AMX-INT8 tiles) and 'vnni'
+    (VPDPBUSD) accumulate u8 x s8 products exactly in int32; 'vpmaddubsw' (AVX2, AVX-512 without VNNI) first sums
+    each pair of products into a saturating int16, exact only while a pair stays within 32767 (7-bit weights);
+    'unknown' elsewhere (no AVX2, or not x86)."""
+    if "amx_int8" in flags:
+        return "amx"
+    if {"avx512_vnni", "avx_vnni"} & set(flags):
+        return "vnni"
+    return "vpmaddubsw" if "avx2" in flags else "unknown"
+
+
 def _gpu() -> dict[str, Any]:
     query = "--format=csv,noheader"
     out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", query]) or _run(
@@ -98,6 +111,17 @@ def _onnxruntime() -> dict[str, Any]:
     except ImportError:
         return {"version": None}
     return {"version": ort.__version__, "providers": ort.get_available_providers()}
+
+
+def _openvino() -> dict[str, Any]:
+    from pipeline.backends.openvino_runner import openvino_status
+
+    ok, why = openvino_status()
+    if not ok:
+        return {"version": None, "reason": why}
+    import openvino
+
+    return {"version": why.removeprefix("OpenVINO "), "devices": openvino.Core().available_devices}
 
 
 def _torch() -> dict[str, Any]:
@@ -150,12 +174,20 @@ def enables(report: dict[str, Any]) -> dict[str, str]:
         why = nvcc.get("reason") or nvcc.get("error")
         out["fused CUDA kernel"] = f"no ({why}) -> chunked PyTorch loss"
     out["training"] = f"GPU ({torch['device']})" if torch.get("cuda") else "CPU only (torch sees no CUDA GPU)"
-    if "amx_int8" in flags:
-        out["INT8 on the CPU"] = "AMX-INT8 and VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
-    elif {"avx512_vnni", "avx_vnni"} & set(flags):
-        out["INT8 on the CPU"] = "VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"
-    else:
-        out["INT8 on the CPU"] = "no VNNI/AMX flags: small INT8 gains on the CPU"
+    ov = report.get("openvino", {})
+    out["OpenVINO"] = (f"yes ({ov['version']}) -> verify rows, the default CPU backend of upscale and edge verify"
+                       if ov.get("version") else
+                       f"no ({ov.get('reason') or ov.get('error')}) -> ONNX Runtime on the CPU")
+    out["INT8 on the CPU"] = {
+        "amx": "AMX-INT8: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what it computes "
+               "on every x86 CPU",
+        "vnni": "VNNI: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what it computes "
+                "on every x86 CPU",
+        "vpmaddubsw": "no VNNI/AMX: ONNX Runtime's U8S8 kernels sum u8 x s8 pairs in a saturating int16 "
+                      "(VPMADDUBSW); student.int8-cpu.onnx keeps its weights 7-bit so it is exact here too, an INT8 "
+                      "model with 8-bit weights (e.g. student.int8.onnx) is not",
+        "unknown": "no AVX2: integer kernels of unknown speed; verify gates the INT8 models here",
+    }[int8_dot_product(flags)]
     return out
 
 
@@ -169,6 +201,7 @@ def doctor_report() -> dict[str, Any]:
         "tensorrt": _soft(_tensorrt),
         "cuda_python": _soft(_cuda_python),
         "onnxruntime": _soft(_onnxruntime),
+        "openvino": _soft(_openvino),
         "torch": _soft(_torch),
         "nvcc": _soft(_nvcc),
     }
@@ -195,6 +228,8 @@ def format_doctor(report: dict[str, Any]) -> str:
                              f" ({c['detail']})")) if c["version"] else "not installed"),
         "ONNX Runtime": _line(ort, lambda o: f"{o['version']} ({', '.join(o['providers'])})" if o["version"]
                               else "not installed"),
+        "OpenVINO": _line(report["openvino"], lambda o: f"{o['version']} ({', '.join(o['devices'])})"
+                          if o["version"] else "not installed"),
         "torch": _line(torch, lambda t: (f"{t['version']}, CUDA " + (f"available ({t['device']})" if t["cuda"]
                        else "not available")) if t["version"] else "not installed"),
         "nvcc": _line(nvcc, lambda n: f"{n['version']} ({n['path']})" if n["version"] else n["reason"]),

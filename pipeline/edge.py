@@ -1,11 +1,13 @@
 """Verify a deploy bundle (made by `pipeline bundle`) on the device that will run it, without torch:
 
-    PYTHONPATH=runtime python3 -m pipeline.edge verify --bundle . [--require trt] [--backend auto|tensorrt|onnxruntime]
+    PYTHONPATH=runtime python3 -m pipeline.edge verify --bundle . [--require trt]
+        [--backend auto|tensorrt|onnxruntime|openvino]
 
-Every file listed in `bundle.json` must match its sha256. Where TensorRT is usable (`trt_status()`), the FP16 and INT8
-plans are built into `plans/` (kept for the next run while the ONNX, the settings, the GPU and TensorRT stay the same)
-and run; elsewhere ONNX Runtime runs FP32, FP16 and INT8 on its CUDA provider where present, else on the CPU, where
-the INT8 row uses `student.int8-cpu.onnx`. Each precision runs the golden LR images: Y-PSNR
+Every file listed in `bundle.json` must match its sha256. `auto` takes the fastest backend installed here: where
+TensorRT is usable (`trt_status()`), the FP16 and INT8 plans are built into `plans/` (kept for the next run while the
+ONNX, the settings, the GPU and TensorRT stay the same) and run; else ONNX Runtime's CUDA provider (FP32, FP16, INT8);
+else OpenVINO (FP32 and INT8, on the CPU); else ONNX Runtime on the CPU (FP32, FP16, INT8). On the CPU the INT8 row
+uses `student.int8-cpu.onnx`. Each precision runs the golden LR images: Y-PSNR
 against the PyTorch FP32 outputs (parity) and against HR, whose difference to PyTorch's own Y-PSNR on HR must stay
 within the bundle's gate; then latency at the bundle's LR sizes, one runner alive at a time. A table on stdout and
 `edge_report.json`; exit 0 when every row passes, 1 on a failed gate (or `--require trt` without TensorRT), 2 on a
@@ -45,6 +47,7 @@ log = logging.getLogger("pipeline")
 FORMAT = "facd-pipeline-bundle/1"  # bundle.json["format"]
 BUNDLE_JSON, GOLDEN_JSON, REPORT_JSON = "bundle.json", "golden/golden.json", "edge_report.json"
 PRECISIONS = ("fp32", "fp16", "int8")  # the rows; on the CPU provider INT8 runs the U8S8 CPU model
+OPENVINO_PRECISIONS = ("fp32", "int8")  # OpenVINO's rows (INT8: the CPU model; it has no FP16 model)
 PLANS_DIR = "plans"
 TRT_PRECISIONS = ("fp16", "int8")
 BUNDLE_KEYS = ("scale", "gates", "latency_sizes", "warmup", "repeats", "engine", "files")
@@ -109,26 +112,36 @@ def load_golden(root: Path, files: dict[str, str]) -> list[Golden]:
 
 
 def choose_backend(backend: str, require_trt: bool) -> tuple[str, str]:
-    """("tensorrt" or "onnxruntime-cpu"/"onnxruntime-cuda", the sentence that says so and why).
+    """("tensorrt", "onnxruntime-cuda", "openvino" or "onnxruntime-cpu", the sentence that says so and why).
     GateFailed when TensorRT is required (`--require trt`, `--backend tensorrt`) but not usable."""
+    from pipeline.backends.openvino_runner import openvino_status
     from pipeline.backends.ort_runner import PROVIDERS, provider_status
     from pipeline.engine import trt_status
 
-    if require_trt and backend == "onnxruntime":
-        raise UserError("--require trt contradicts --backend onnxruntime")
-    why_not_trt = ""
-    if backend != "onnxruntime":
+    if require_trt and backend in ("onnxruntime", "openvino"):
+        raise UserError(f"--require trt contradicts --backend {backend}")
+    why_not = ""
+    if backend in ("auto", "tensorrt"):
         ok, what = trt_status()
         if ok:
             return "tensorrt", f"verifying with {what}"
         if require_trt or backend == "tensorrt":
             raise GateFailed(f"TensorRT is required here but not usable: {what}")
-        why_not_trt = f"TensorRT not available ({what}): "
+        why_not = f"TensorRT not available ({what}): "
+    if backend == "auto" and provider_status("cuda")[0]:
+        return "onnxruntime-cuda", f"{why_not}verifying with ONNX Runtime ({PROVIDERS['cuda']})"
+    if backend in ("auto", "openvino"):
+        ok, what = openvino_status()
+        if ok:
+            return "openvino", f"{why_not}verifying with {what} on the CPU"
+        if backend == "openvino":
+            raise UserError(f"--backend openvino: {what}")
+        why_not += f"{what}: "
     device = "cuda" if provider_status("cuda")[0] else "cpu"
     ok, why = provider_status(device)
     if not ok:
-        raise UserError(f"{why_not_trt}nothing here can run the models: {why} (README.md: Requirements)")
-    return f"onnxruntime-{device}", f"{why_not_trt}verifying with ONNX Runtime ({PROVIDERS[device]})"
+        raise UserError(f"{why_not}nothing here can run the models: {why} (README.md: Requirements)")
+    return f"onnxruntime-{device}", f"{why_not}verifying with ONNX Runtime ({PROVIDERS[device]})"
 
 
 def _engine_section(root: Path, info: dict[str, Any]) -> EngineSection:
@@ -160,6 +173,12 @@ def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str
 
         return [(p, ONNX[p], lambda p=p: plan_runner(p)) for p in TRT_PRECISIONS]
     from pipeline.backends.ort_runner import OrtRunner, onnx_for
+
+    if backend == "openvino":
+        from pipeline.backends.openvino_runner import OpenVinoRunner
+
+        names = {p: onnx_for(p, "cpu") for p in OPENVINO_PRECISIONS}
+        return [(p, name, lambda m=root / name: OpenVinoRunner(m)) for p, name in names.items()]
 
     device = backend.removeprefix("onnxruntime-")
     names = {p: onnx_for(p, device) for p in PRECISIONS}
@@ -245,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("verify", help="check the bundle's models on this device against its golden outputs")
     p.add_argument("--bundle", type=Path, default=Path("."), help="the bundle folder (default: here)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
-                   help="auto (default): TensorRT where it is usable, else ONNX Runtime")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "openvino"], default="auto",
+                   help="auto (default): TensorRT where it is usable, else ONNX Runtime's CUDA provider, else "
+                        "OpenVINO where installed, else ONNX Runtime on the CPU")
     p.add_argument("--require", choices=["trt"], help="trt: fail (exit 1) when TensorRT is not usable here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     args = parser.parse_args(argv)

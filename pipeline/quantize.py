@@ -215,12 +215,17 @@ def check_qdq(proto: onnx.ModelProto) -> list[str]:
 
 # --- sensitivity-guided mixed precision -----------------------------------------------------------------------------
 
-def holdout_psnr(model: onnx.ModelProto | Path, lr: np.ndarray, hr: np.ndarray, scale: int) -> float:
-    """Mean Y-PSNR (uint8 outputs, shave = scale) of a model on crops, with ONNX Runtime's CPU provider."""
+def holdout_psnr(model: onnx.ModelProto | Path, lr: np.ndarray, hr: np.ndarray, scale: int,
+                 exact_arithmetic: bool = False) -> float:
+    """Mean Y-PSNR (uint8 outputs, shave = scale) of a model on crops, with ONNX Runtime's CPU provider: with this
+    CPU's integer kernels, or (`exact_arithmetic`) with every Q/DQ run as float ops, which is what exact integer
+    arithmetic (VNNI, AMX) computes, whatever this CPU is."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if exact_arithmetic:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     outs = np.concatenate([session.run(None, {INPUT: b})[0] for b in _batches(lr)])
@@ -268,11 +273,23 @@ def format_table(result: dict[str, Any], title: str, float_name: str) -> str:
 
 # --- the CPU twin ---------------------------------------------------------------------------------------------------
 
+# ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F/BW) multiply with VPMADDUBSW, which sums each
+# pair of u8 x s8 products into a saturating int16 before widening: with 8-bit weights a pair reaches
+# 2 * 255 * 127 = 64770 and is clipped to 32767 (the CPU model lost 9 dB that way). With weights in [-64, 64]
+# ("7-bit", ONNX Runtime's reduce_range) a pair stays within 2 * 255 * 64 = 32640, so every x86 CPU (AVX2,
+# AVX-512, VNNI, AMX) computes the same exact integer result, at the speed of U8S8.
+CPU_WEIGHT_QMAX = 64
+CPU_INT8_META = {"int8_cpu_weights": f"7-bit (-{CPU_WEIGHT_QMAX}..{CPU_WEIGHT_QMAX})",
+                 "int8_cpu_assumes": "any x86-64 CPU: u8 x s8 pair sums stay within int16, so AVX2 and AVX-512 "
+                                     "without VNNI compute what VNNI and AMX do"}
+
+
 def cpu_twin_quantizer(fp32: Path, lr: np.ndarray, method: str, percentile: float,
                        workdir: Path) -> Callable[[set[str]], onnx.ModelProto]:
     """`quantized(layers)` for the CPU model `student.int8-cpu.onnx`: ONNX Runtime's own QDQ recipe with unsigned
-    asymmetric per-tensor activations and signed symmetric per-channel weights (U8S8, whose Convs ONNX Runtime's CPU
-    provider fuses into integer kernels), the rest FP32. Calibrated once on `lr`; the ranges are cached in `workdir`."""
+    asymmetric per-tensor activations and signed symmetric per-channel 7-bit weights (U8S8, whose Convs ONNX
+    Runtime's CPU provider fuses into integer kernels; 7-bit so that no x86 CPU saturates, see CPU_WEIGHT_QMAX), the
+    rest FP32. Calibrated once on `lr`; the ranges are cached in `workdir`."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static
 
@@ -292,7 +309,8 @@ def cpu_twin_quantizer(fp32: Path, lr: np.ndarray, method: str, percentile: floa
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=[n for n in names if n not in layers],
+                            weight_type=QuantType.QInt8, reduce_range=True,
+                            nodes_to_exclude=[n for n in names if n not in layers],
                             calibrate_method=methods[method], calibration_cache_path=workdir / "ranges.json",
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            "CalibPercentile": percentile, "CalibNumBins": 2048})
@@ -300,6 +318,7 @@ def cpu_twin_quantizer(fp32: Path, lr: np.ndarray, method: str, percentile: floa
         for p in proto.metadata_props:
             if p.key == "precision":
                 p.value = "int8-cpu"
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **CPU_INT8_META})
         return proto
 
     return quantized

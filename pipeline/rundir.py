@@ -72,7 +72,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def versions() -> dict[str, str]:
     """Versions of the package and of the dependencies that decide what an artifact contains."""
     out = {"python": platform.python_version()}
-    for dist in ("facd-pipeline", "torch", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+    for dist in ("facd-pipeline", "torch", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
+                 "tensorrt"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,41 @@ def upscale(runner: Runner, pairs: list[tuple[Path, Path]], progress: bool = Tru
     return written
 
 
+def choose_backend(precision: str | None, run_root: Path, model: Path | None) -> tuple[str, str]:
+    """`--backend auto`: (backend, why), the fastest one that is installed here, can run the model and has not
+    failed its gate in the run's `report.json`: a TensorRT plan, ONNX Runtime on a GPU provider, OpenVINO on the
+    CPU (FP32 and the CPU INT8 model; faster than ONNX Runtime's CPU provider in benchmarks/results/export_cpu_avx2*),
+    else ONNX Runtime on the CPU. A --model file's type decides for checkpoints and plans."""
+    from pipeline.backends.openvino_runner import PRECISIONS as OPENVINO_PRECISIONS
+    from pipeline.backends.openvino_runner import openvino_status
+    from pipeline.backends.ort_runner import provider_status
+    from pipeline.engine import trt_status
+    from pipeline.stages import REPORT_JSON
+
+    if model is not None and model.suffix != ".onnx":
+        return ("torch" if model.suffix in (".pt", ".pth") else "tensorrt"), f"the --model file is {model.suffix}"
+    failed = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        report = json.loads((run_root / REPORT_JSON).read_text())
+        failed = {(r["backend"], r["precision"]) for r in report["rows"] if r["status"] == "fail"}
+    wanted = precision or "fp32"
+    if model is None and wanted != "fp32" and trt_status()[0] and (run_root / PLANS[wanted]).is_file() \
+            and ("tensorrt", wanted) not in failed:
+        return "tensorrt", "TensorRT is usable and the run has the plan"
+    gpu = next((d for d in ("tensorrt", "cuda") if provider_status(d)[0]), None)
+    if gpu is not None:
+        return "onnxruntime", f"ONNX Runtime has its {gpu.upper()} provider"
+    ok, why = openvino_status()
+    if ok:
+        from pipeline.backends.ort_runner import read_meta
+
+        runs = read_meta(model)["precision"] if model is not None else "int8-cpu" if wanted == "int8" else wanted
+        if runs in OPENVINO_PRECISIONS and ("openvino", runs) not in failed:
+            return "openvino", f"{why} is installed, the fastest CPU backend"
+        why = f"OpenVINO does not run {runs} models" if runs not in OPENVINO_PRECISIONS else "OpenVINO failed its gate"
+    return "onnxruntime", f"no GPU provider; {why}"
+
+
 def make_runner(backend: str, precision: str | None, run_root: Path, model: Path | None,
                 tiling: dict[str, Any]) -> Runner:
     """The runner for `backend` and `precision` on the model from `model` (a checkpoint, ONNX or plan file) or
@@ -72,6 +109,9 @@ def make_runner(backend: str, precision: str | None, run_root: Path, model: Path
     if model is not None and model.suffix not in MODEL_SUFFIXES:
         raise UserError(f"--model {model}: expected a checkpoint (.pt, .pth), an ONNX model (.onnx) or a TensorRT "
                         "plan (.plan)")
+    if backend == "auto":
+        backend, why = choose_backend(precision, run_root, model)
+        print(f"upscale: backend {backend} ({why})")
     if backend == "torch":
         import torch
 
@@ -84,14 +124,27 @@ def make_runner(backend: str, precision: str | None, run_root: Path, model: Path
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"upscale: PyTorch FP32 on {device}, {path}")
         return TorchRunner(load_model(path), device, **tiling)
+    from pipeline.backends.ort_runner import onnx_for
+
     if backend == "onnxruntime":
-        from pipeline.backends.ort_runner import OrtRunner, onnx_for, provider_status
+        from pipeline.backends.ort_runner import OrtRunner, provider_status
 
         device = next(d for d in ("tensorrt", "cuda", "cpu") if d == "cpu" or provider_status(d)[0])
         path = _pick(model, run_root / onnx_for(precision or "fp32", device), (".onnx",), backend)
         runner = OrtRunner(path, device, **tiling)
         _check_precision(runner.precision, precision, path)
         print(f"upscale: ONNX Runtime {device.upper()} provider, {path} ({runner.precision})")
+        return runner
+    if backend == "openvino":
+        from pipeline.backends.openvino_runner import OpenVinoRunner, openvino_status
+
+        ok, why = openvino_status()
+        if not ok:
+            raise UserError(why)
+        path = _pick(model, run_root / onnx_for(precision or "fp32", "cpu"), (".onnx",), backend)
+        runner = OpenVinoRunner(path, **tiling)
+        _check_precision(runner.precision, precision, path)
+        print(f"upscale: OpenVINO CPU, {path} ({runner.precision})")
         return runner
     from pipeline.backends.trt_runner import TrtRunner
 

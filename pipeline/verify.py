@@ -44,7 +44,9 @@ class Candidate:
 
 
 def candidates(run_root: Path, student: Any) -> list[Candidate]:
-    """The reference first, then ONNX Runtime on every provider for every precision, then the TensorRT plans."""
+    """The reference first, then ONNX Runtime on every provider for every precision, OpenVINO on the CPU (FP32 and
+    the CPU INT8 model), then the TensorRT plans."""
+    from pipeline.backends.openvino_runner import PRECISIONS, OpenVinoRunner, openvino_status
     from pipeline.backends.ort_runner import OrtRunner, provider_status
     from pipeline.backends.torch_runner import TorchRunner
     from pipeline.backends.trt_runner import TrtRunner
@@ -59,6 +61,11 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
             path = run_root / name
             make = (lambda p=path, d=device: OrtRunner(p, d)) if ok else None
             rows.append(Candidate(f"onnxruntime-{device}", precision, name, make, reason))
+    ok, reason = openvino_status()
+    for precision in PRECISIONS:
+        path = run_root / ONNX[precision]
+        rows.append(Candidate("openvino", precision, path.name, (lambda p=path: OpenVinoRunner(p)) if ok else None,
+                              "" if ok else reason))
     ok, reason = trt_status()
     for precision in ("fp16", "int8"):
         plan = run_root / PLANS[precision]
@@ -193,6 +200,7 @@ def _rss_mb() -> float | None:
 
 
 def machine() -> dict[str, Any]:
+    from pipeline.backends.openvino_runner import openvino_status
     from pipeline.doctor import cpu_info
 
     gpu = None
@@ -202,7 +210,7 @@ def machine() -> dict[str, Any]:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cpu = cpu_info()
     return {"cpu": cpu["model"], "cores": cpu["cores"], "cpu_flags": cpu["flags"], "platform": platform.platform(),
-            "gpu": gpu}
+            "gpu": gpu, "openvino": openvino_status()[1]}
 
 
 def failing(report: dict[str, Any]) -> list[str]:

@@ -102,16 +102,39 @@ def _report(trt_usable, torch_cuda, nvcc_version, providers=("CPUExecutionProvid
         "ONNX Runtime": "GPU (CUDAExecutionProvider)",
         "fused CUDA kernel": "yes (nvcc 12.6, torch CUDA)",
         "training": "GPU (Orin)",
-        "INT8 on the CPU": "no VNNI/AMX flags: small INT8 gains on the CPU"}),
+        "INT8 on the CPU": "no VNNI/AMX: ONNX Runtime's U8S8 kernels sum u8 x s8 pairs in a saturating int16 "
+                           "(VPMADDUBSW); student.int8-cpu.onnx keeps its weights 7-bit so it is exact here too, an "
+                           "INT8 model with 8-bit weights (e.g. student.int8.onnx) is not"}),
     (_report(False, False, "13.0", flags=("avx512_vnni",)), {
         "TensorRT engines": "no (tensorrt is not installed) -> verify uses ONNX Runtime",
         "ONNX Runtime": "CPU provider only",
         "fused CUDA kernel": "build only (nvcc present, no GPU for torch) -> chunked PyTorch loss",
         "training": "CPU only (torch sees no CUDA GPU)",
-        "INT8 on the CPU": "VNNI: integer convolutions for ONNX Runtime's U8S8 QDQ model"}),
+        "INT8 on the CPU": "VNNI: exact int32 dot products; student.int8-cpu.onnx (7-bit weights) computes what "
+                           "it computes on every x86 CPU"}),
     (_report(False, False, None), {
         "fused CUDA kernel": "no (nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)) -> chunked PyTorch loss"}),
 ])
 def test_what_the_machine_enables(report, expected):
     lines = enables(report)
     assert {k: lines[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(("flags", "kind"), [
+    (("avx2",), "vpmaddubsw"),  # e.g. AMD EPYC Zen 2/3, Intel Haswell .. Skylake client
+    (("avx2", "avx512f"), "vpmaddubsw"),  # Skylake-SP: AVX-512 without VNNI still saturates
+    (("avx2", "avx_vnni"), "vnni"),  # Alder Lake
+    (("avx2", "avx512f", "avx512_vnni"), "vnni"),  # Cascade Lake, Zen 4
+    (("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"), "amx"),  # Sapphire Rapids
+    ((), "unknown"),
+])
+def test_int8_dot_product_kind_from_cpu_flags(flags, kind):
+    assert doctor.int8_dot_product(list(flags)) == kind
+
+
+def test_openvino_line():
+    found = enables({**_report(False, False, None), "openvino": {"version": "2026.4.1", "devices": ["CPU"]}})
+    assert found["OpenVINO"] == "yes (2026.4.1) -> verify rows, the default CPU backend of upscale and edge verify"
+    absent = {"version": None, "reason": "openvino is not installed"}
+    missing = enables({**_report(False, False, None), "openvino": absent})
+    assert missing["OpenVINO"] == "no (openvino is not installed) -> ONNX Runtime on the CPU"

@@ -11,7 +11,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from models import create_model
-from pipeline import export, quantize
+from pipeline import doctor, export, quantize
 from pipeline.data.datasets import PairFolder, PatchSampler
 from pipeline.errors import UserError
 
@@ -215,30 +215,163 @@ def test_sensitivity_keeps_the_layer_that_hurts_in_fp16(setup):
     assert [s["kept_float"] for s in impossible["steps"]][-1] == impossible["float_layers"]
 
 
-def test_cpu_twin_is_u8s8_and_every_quantized_conv_becomes_an_integer_kernel(setup, tmp_path):
+def _host_int8() -> str:
+    """How this CPU's ONNX Runtime U8S8 kernels multiply (doctor.int8_dot_product), for the assertions that depend
+    on the host's integer arithmetic."""
+    return doctor.int8_dot_product(doctor.cpu_info()["flags"])
+
+
+def vpmaddubsw_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What a U8S8 GEMM built on VPMADDUBSW (AVX2, AVX-512 without VNNI) computes: u8 (M, K) x s8 (K, N), each pair
+    of products along K (k = 2j, 2j + 1; K zero-padded to even) summed into a saturating int16, then widened and
+    summed exactly."""
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    pairs = np.einsum("mjp,jpn->mjn", a.reshape(len(a), -1, 2), b.reshape(-1, 2, b.shape[1]))
+    return np.clip(pairs, -32768, 32767).sum(axis=1)
+
+
+def test_the_vpmaddubsw_oracle_saturates_pairs_and_only_pairs():
+    a = np.array([[255, 255, 255, 255, 1]], np.uint8)
+    b = np.array([[127], [127], [-128], [-128], [5]], np.int8)
+    # pairs: 255*127*2 = 64770 -> 32767; 255*-128*2 = -65280 -> -32768; the odd tail 1*5 pairs with the padding
+    assert vpmaddubsw_matmul(a, b).tolist() == [[32767 - 32768 + 5]]
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (7, 33), dtype=np.uint8)
+    b7 = rng.integers(-64, 65, (33, 5), dtype=np.int8)  # 7-bit weights: a pair reaches at most 2 * 255 * 64 = 32640
+    np.testing.assert_array_equal(vpmaddubsw_matmul(a, b7), a.astype(np.int64) @ b7.astype(np.int64))
+    b8 = np.full((33, 5), 127, np.int8)
+    assert (vpmaddubsw_matmul(a, b8) < a.astype(np.int64) @ b8.astype(np.int64)).any()
+
+
+def _matmul_integer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, a.shape),
+                           helper.make_tensor_value_info("b", onnx.TensorProto.INT8, b.shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, None)])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a, "b": b})[0]
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (16, 27, 16), (64, 576, 64)])
+def test_onnx_runtime_u8s8_arithmetic_on_this_cpu(shape):
+    """ONNX Runtime offers no switch to run its AVX2 kernels on a VNNI CPU: here it is checked against what this
+    CPU's kind should compute (the VPMADDUBSW oracle on AVX2 / AVX-512 without VNNI, exact int32 on VNNI / AMX)."""
+    kind = _host_int8()
+    if kind == "unknown":
+        pytest.skip("not an x86 CPU with AVX2: no known U8S8 arithmetic to expect")
+    m, k, n = shape
+    rng = np.random.default_rng(k)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    got = _matmul_integer(a, b)
+    if kind == "vpmaddubsw":  # expected: bit-exact with the oracle, and saturated somewhere on these random values
+        np.testing.assert_array_equal(got, vpmaddubsw_matmul(a, b))
+        assert not np.array_equal(got, exact)
+    else:
+        np.testing.assert_array_equal(got, exact)
+    b7 = np.clip(b, -64, 64)  # 7-bit weights: exact on every kind of CPU
+    np.testing.assert_array_equal(_matmul_integer(a, b7), a.astype(np.int64) @ b7.astype(np.int64))
+
+
+def _cpu_model(setup, tmp_path, layers=None) -> onnx.ModelProto:
     _, fp32, fp16, calib, _ = setup
     names = [n.name for n in export.conv_nodes(fp16)]
     twin = quantize.cpu_twin_quantizer(fp32, calib["lr"][~calib["holdout"]], "minmax", 99.99, tmp_path)
-    proto = twin(set(names) - {"last"})
-    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8-cpu"
+    return twin(set(names) if layers is None else layers)
+
+
+def _session(proto: onnx.ModelProto, exact_arithmetic: bool = False, optimized: str = "") -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if exact_arithmetic:  # Q/DQ as float ops: what exact integer arithmetic computes
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized:
+        opts.optimized_model_filepath = optimized
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_cpu_model_is_u8s8_with_7bit_weights_and_every_quantized_conv_becomes_an_integer_kernel(setup, tmp_path):
+    _, fp32, fp16, calib, _ = setup
+    names = [n.name for n in export.conv_nodes(fp16)]
+    proto = _cpu_model(setup, tmp_path, set(names) - {"last"})
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["precision"] == "int8-cpu" and meta["int8_cpu_weights"] == "7-bit (-64..64)"
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     zero_points = [inits[n.input[2]] for n in dq if n.input[0] not in inits]  # activations
     assert zero_points and all(z.dtype == np.uint8 for z in zero_points)
     weight_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
     assert weight_dq and all(not inits[n.input[2]].any() and inits[n.input[1]].size > 1 for n in weight_dq)
+    # Symmetric per-channel 7-bit: every output channel's largest weight maps to +-64.
+    for n in weight_dq:
+        w = np.abs(inits[n.input[0]].astype(np.int64)).reshape(len(inits[n.input[0]]), -1).max(axis=1)
+        assert w.max() == quantize.CPU_WEIGHT_QMAX and (w[w > 0] >= quantize.CPU_WEIGHT_QMAX - 1).all()
     last = next(n for n in proto.graph.node if n.op_type == "Conv" and n.name == "last")
     assert all(n.output[0] not in last.input for n in dq)  # the layer left out stays FP32
     # The TensorRT rules do not hold for this model (unsigned activations), which is why they are checked on the
     # TensorRT model only.
     assert any("zero point must be INT8 0, got uint8" in e for e in quantize.check_qdq(proto))
 
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = _session(proto, optimized=str(tmp_path / "optimized.onnx"))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") == len(names) - 1 and ops.count("Conv") + ops.count("FusedConv") == 1
     x = calib["lr"][:2].transpose(0, 3, 1, 2).astype(np.float32) / 255
-    ref = _run_all(onnx.load(str(fp32)), x)[0]
-    mse = np.mean((session.run(None, {"lr": x})[0] - ref) ** 2)
-    assert 10 * np.log10(1 / mse) > 35  # close to FP32
+    integer = session.run(None, {"lr": x})[0]
+    exact = _session(proto, exact_arithmetic=True).run(None, {"lr": x})[0]
+    assert _psnr(integer, _run_all(onnx.load(str(fp32)), x)[0]) > 35  # close to FP32
+    # On every x86 CPU this CPU's integer kernels compute what exact arithmetic does (up to the float rounding of
+    # requantization): on AVX2 / AVX-512 without VNNI because 7-bit weights never saturate VPMADDUBSW's int16.
+    assert _psnr(integer, exact) > 60
+
+
+def _conv_gemms(proto: onnx.ModelProto, x: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """For every integer Conv of a U8S8 QDQ model: its name, its u8 input as im2col rows in the channels-last order
+    (ky, kx, c) of ONNX Runtime's QLinearConv (padding = the zero point), and its s8 weights as (K, Cout)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = []
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        x_dq, w_dq = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if x_dq is not None and x_dq.op_type == w_dq.op_type == "DequantizeLinear":
+            convs.append((conv, x_dq.input[0], int(inits[x_dq.input[2]]), inits[w_dq.input[0]]))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend([helper.make_tensor_value_info(t, onnx.TensorProto.UINT8, None) for _, t, _, _ in convs])
+    u8_inputs = _session(probe, exact_arithmetic=True).run([t for _, t, _, _ in convs], {"lr": x})
+    out = []
+    for (conv, _, zero, w), xq in zip(convs, u8_inputs):
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        assert list(attrs.get("strides", [1, 1])) == [1, 1] and attrs.get("group", 1) == 1
+        kh, kw = w.shape[2:]
+        pad = attrs.get("pads", [0, 0, 0, 0])[0]
+        xp = np.pad(xq, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=zero).transpose(0, 2, 3, 1)
+        h, wd = xq.shape[2], xq.shape[3]
+        cols = np.stack([xp[:, y:y + h, x:x + wd, :] for y in range(kh) for x in range(kw)], axis=3)
+        out.append((conv.name, cols.reshape(-1, cols.shape[3] * cols.shape[4]),
+                    w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])))
+    return out
+
+
+def test_cpu_model_is_exact_under_avx2_arithmetic_on_any_cpu(setup, tmp_path):
+    """The AVX2 case without an AVX2 CPU: every integer Conv of the CPU model, on its real u8 inputs, through the
+    VPMADDUBSW oracle gives the exact integer result; the same Convs with 8-bit weights would not."""
+    _, _, _, calib, _ = setup
+    x = calib["lr"][:1].transpose(0, 3, 1, 2).astype(np.float32) / 255
+    gemms = _conv_gemms(_cpu_model(setup, tmp_path), x)
+    assert len(gemms) == len(export.conv_nodes(setup[2]))
+    saturated_8bit = []
+    for name, cols, w7 in gemms:
+        np.testing.assert_array_equal(vpmaddubsw_matmul(cols, w7), cols.astype(np.int64) @ w7.astype(np.int64),
+                                      err_msg=name)
+        w8 = np.clip(np.round(w7.astype(np.float64) * 127 / quantize.CPU_WEIGHT_QMAX), -127, 127).astype(np.int8)
+        if not np.array_equal(vpmaddubsw_matmul(cols, w8), cols.astype(np.int64) @ w8.astype(np.int64)):
+            saturated_8bit.append(name)
+    assert saturated_8bit  # the oracle does see what 8-bit weights would suffer on AVX2

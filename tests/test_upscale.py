@@ -50,7 +50,8 @@ def test_backends_keep_names_and_agree(exported_run, photos, tmp_path, capsys):
 
 def test_int8_on_the_cpu_takes_the_cpu_model_and_says_so(exported_run, photos, tmp_path, capsys):
     folder, _ = photos
-    assert _up(str(folder), "--out", str(tmp_path / "o"), "--run-dir", str(exported_run), "--precision", "int8") == 0
+    assert _up(str(folder), "--out", str(tmp_path / "o"), "--run-dir", str(exported_run), "--precision", "int8",
+               "--backend", "onnxruntime") == 0
     assert f"CPU provider, {exported_run / 'student.int8-cpu.onnx'} (int8-cpu)" in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import SMALL_CALIB
+from pipeline.backends.openvino_runner import openvino_status
 from pipeline.cli import main
 from pipeline.engine import trt_status
 from pipeline.quantize import check_qdq
@@ -75,6 +76,15 @@ def test_verify_writes_the_report_and_passes(run, capsys):
         assert 30 < rows[("onnxruntime-cpu", int8)]["psnr_vs_reference"] < rows[("onnxruntime-cpu", "fp16")][
             "psnr_vs_reference"]
         assert rows[("onnxruntime-cpu", int8)]["gate_db"] == report["gates"]["int8"]
+    ok, why = openvino_status()
+    for precision, model in (("fp32", "student.fp32.onnx"), ("int8-cpu", "student.int8-cpu.onnx")):
+        row = rows[("openvino", precision)]
+        assert row["model"] == model and row["gate_db"] == report["gates"][precision]
+        if ok:  # the same model as ONNX Runtime's row, so nearly the same output
+            assert row["status"] == "pass" and row["latency_ms_p50"] > 0
+            assert row["psnr_vs_reference"] > (60 if precision == "fp32" else 30)
+        else:
+            assert (row["status"], row["reason"]) == ("skipped", why)
     skipped = [r for r in report["rows"] if r["status"] == "skipped"]
     assert all(r["reason"] and r["psnr_y"] is None for r in skipped)
     for name in ("report.md", "psnr.png", "latency.png", "crops.png"):
