@@ -136,10 +136,10 @@ class BudgetSection:
     precision: Literal["fp32", "fp16", "int8"] = "int8"
     latency_table: str = ""  # a latency.json (from a probe folder's `make probe`) instead of timing here
     margin: float = 0.1  # a candidate fits when its p95 is at most (1 - margin) x budget_ms
-    blocks: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12])  # EDSR residual blocks of the candidates
+    blocks: list[int] = field(default_factory=lambda: [1, 3, 6, 12])  # EDSR residual blocks of the candidates
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # x these widths: every combination
-    warmup: int = 2
-    repeats: int = 15
+    warmup: int = 1
+    repeats: int = 10
 
 
 @dataclass
