@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("phase", choices=["table", "train", "gate"])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--method", default="facd", help="distill.method of the students")
+    parser.add_argument("--only", type=float, nargs="+", help="train only these of the three budgets (ms)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/budget_cpu.json"))
     args = parser.parse_args()
     table_path = args.work / "budget" / budget.LATENCY_JSON
@@ -65,17 +67,24 @@ def main() -> None:
         teacher = None
         for b in budgets(table):
             run = args.work / f"budget{b:g}ms"
+            if args.only and b not in args.only:
+                continue
             extra = ["--teacher", str(teacher)] if teacher else []
             pipeline("all", "--budget-ms", f"{b:g}", "--frame", FRAME, "--latency-table", str(table_path),
-                     "--run-dir", str(run), "--set", f"train.iters={args.iters}", *FAST_VERIFY, *extra)
-            teacher = teacher or run / "teacher.pt"
+                     "--run-dir", str(run), "--set", f"train.iters={args.iters}", "--set",
+                     f'distill.method="{args.method}"', *FAST_VERIFY, *extra)
+            teacher = teacher or run / "teacher.pt"  # the first run's, trained there by default
         return
     rows = []
     load = os.getloadavg()
     for b in budgets(table):
         run = args.work / f"budget{b:g}ms"
-        config = load_checkpoint(run / "student.pt")["config"]
-        gate = budget.latency_gate(run, config)
+        if not (run / "report.json").exists():
+            rows.append({"budget_ms": b, "not_run": f"no finished `pipeline all` in {run}"})
+            continue
+        checkpoint = load_checkpoint(run / "student.pt")
+        config = checkpoint["config"]
+        gate = budget.latency_gate(run, checkpoint)
         choice = json.loads((run / "budget" / budget.BUDGET_JSON).read_text())["choice"]
         evals = json.loads((run / "eval.json").read_text())
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}

@@ -400,7 +400,7 @@ def _plot(path: Path, table: dict[str, Any], budget_ms: float, margin: float, ch
 
 
 def format_table(table: dict[str, Any], choice: dict[str, Any] | None = None) -> str:
-    lines = [f"| candidate | blocks | channels | params | GFLOPs | p50 ms | p95 ms | |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| candidate | blocks | channels | params | GFLOPs | p50 ms | p95 ms | |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(table["candidates"], key=lambda r: r["params"]):
         mark = "chosen" if choice and r["name"] == choice["name"] else ""
         lines.append(f"| {r['name']} | {r['blocks']} | {r['channels']} | {r['params']:,} | {r['flops'] / 1e9:.2f} | "
@@ -452,18 +452,19 @@ def student_for_budget(cfg: Any, table: dict[str, Any], out_dir: Path) -> Any:
                                  f"model.student_channels={choice['channels']}"])
 
 
-def latency_gate(run_root: Path, config: dict[str, Any], progress: bool = True) -> dict[str, Any] | None:
-    """The trained student's frame latency against the budget its checkpoint's `config` was sized for (None when it
+def latency_gate(run_root: Path, checkpoint: dict[str, Any], progress: bool = True) -> dict[str, Any] | None:
+    """The trained student's frame latency against the budget its checkpoint's config was sized for (None when it
     had none): measured here on the run's model for that backend and precision, with upscale's tiling."""
+    config = checkpoint.get("config") or {}
     b = config.get("budget") or {}
     if not b.get("budget_ms"):
         return None
     scale = int(config["scale"])
-    model = config.get("model", {})
+    shape = checkpoint["model"]
     gate: dict[str, Any] = {"budget_ms": b["budget_ms"], "frame": b["frame"], "backend": b["backend"],
-                            "precision": b["precision"], "student": {"preset": model.get("student"),
-                                                                     "blocks": model.get("student_blocks"),
-                                                                     "channels": model.get("student_channels")},
+                            "precision": b["precision"],
+                            "student": {"preset": config["model"]["student"], "blocks": shape["blocks"],
+                                        "channels": shape["channels"]},
                             "status": "skipped", "reason": "", "p50_ms": None, "p95_ms": None, "machine": machine()}
     if b.get("latency_table"):
         try:

@@ -54,9 +54,10 @@ def format_budget(report: dict) -> str:
     s = g["student"]
     row = next((r for r in report["rows"] if f"{r['backend']}-{r['precision']}" == g.get("runner")), None)
     used = f"{100 * g['used']:.0f}%" if g.get("used") is not None else "-"
+    runner = g.get("runner") or f"{g['backend']} {g['precision']}"
     return _table(("budget ms", "frame", "runner", "student", "p50 ms", "p95 ms", "used", "Y-PSNR", "status",
-                   "reason"), [[f"{g['budget_ms']:g}", g["frame"], g.get("runner") or f"{g['backend']} {g['precision']}",
-                                f"{s['preset']} {s['blocks'] or '-'} blocks x {s['channels'] or '-'} channels",
+                   "reason"), [[f"{g['budget_ms']:g}", g["frame"], runner,
+                                f"{s['preset']} {s['blocks']} blocks x {s['channels']} channels",
                                 _num(g["p50_ms"], 1), _num(g["p95_ms"], 1), used,
                                 _num(row["psnr_y"] if row else None), g["status"], g["reason"]]])
 

@@ -462,7 +462,7 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     else:
         student = load_model(run.path(STUDENT), cfg.scale)
         report, crops = verify.verify(cfg, verify.candidates(run.root, student), list(require), progress)
-        gate = latency_gate(run.root, load_checkpoint(run.path(STUDENT)).get("config") or {}, progress)
+        gate = latency_gate(run.root, load_checkpoint(run.path(STUDENT)), progress)
         if gate is not None:
             report["latency_budget"] = gate
             report["passed"] = report["passed"] and gate["status"] != "fail"

@@ -213,11 +213,11 @@ def test_the_latency_gate_passes_within_a_generous_budget(exported_run, tmp_path
     gate = report["latency_budget"]
     assert gate["status"] == "pass" and 0 < gate["p95_ms"] <= 100_000 and report["passed"]
     printed = capsys.readouterr().out
-    assert "64x48" in printed and "onnxruntime-cpu-fp32" in printed and "1 blocks" not in printed
+    assert "64x48" in printed and "onnxruntime-cpu-fp32" in printed and "3 blocks x 16 channels" in printed
 
 
 def test_a_run_without_a_budget_has_no_gate():
-    assert budget.latency_gate(Path("."), load_config().to_dict()) is None
+    assert budget.latency_gate(Path("."), {"config": load_config().to_dict()}) is None
 
 
 def test_the_grid_spans_below_and_above_the_default_student():
