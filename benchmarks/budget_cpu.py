@@ -91,6 +91,7 @@ def main() -> None:
         int8 = next((r for r in report.get("rows", []) if r["backend"] == "onnxruntime-cpu"
                      and r["precision"] == "int8-cpu"), {})
         rows.append({"budget_ms": b, "choice": choice, "train_iters": config["train"]["iters"],
+                     "distill_method": config["distill"]["method"],
                      "trained_p50_ms": gate["p50_ms"], "trained_p95_ms": gate["p95_ms"],
                      "used": gate["p95_ms"] / b, "within_budget": gate["p95_ms"] <= b,
                      "at_least_80_percent": gate["p95_ms"] >= 0.8 * b,
