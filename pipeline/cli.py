@@ -44,7 +44,11 @@ EPILOG = {
     "bundle": "example: pipeline bundle --run-dir runs/tiny --out deploy/tiny   "
               "(on the device: tar xzf tiny.tar.gz && make -C tiny verify)",
     "verify": "example: pipeline verify --run-dir runs/tiny   (on the target device: pipeline verify --require trt)",
-    "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)",
+    "budget": "example: pipeline budget --frame 1280x720 --backend onnxruntime --precision int8 --budget-ms 100\n"
+              "         pipeline budget --bundle probe/   (on the device: make -C probe probe; then --latency-table "
+              "probe/latency.json)",
+    "all": "example: pipeline all   (or: pipeline all --teacher edsr_x4.pt --preset edsr_paper)\n"
+           "         pipeline all --budget-ms 100 --frame 1280x720 --backend onnxruntime --precision int8",
 }
 
 
@@ -66,6 +70,26 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="redo stages even when their inputs and config are unchanged")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency budget (the budget.* config keys)")
+    g.add_argument("--budget-ms", type=float, metavar="X", help="p95 latency of one frame the student must meet")
+    g.add_argument("--frame", metavar="WxH", help="HR output frame size (default 1280x720)")
+    g.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="the runtime (default onnxruntime)")
+    g.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="the precision (default int8)")
+    g.add_argument("--latency-table", type=Path, metavar="FILE",
+                   help="a latency.json from a probe folder's `make probe` instead of timing here")
+
+
+def _budget_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides the budget options stand for (checked with the rest of the config)."""
+    import json
+
+    values = {"budget_ms": args.budget_ms, "frame": args.frame, "backend": args.backend,
+              "precision": args.precision,
+              "latency_table": None if args.latency_table is None else str(args.latency_table)}
+    return [f"budget.{k}={json.dumps(v)}" for k, v in values.items() if v is not None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,10 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require", action="append", default=[], metavar="BACKEND",
                    help="fail when this backend cannot run here (e.g. trt, onnxruntime-cuda; repeatable)")
 
+    p = command("budget", "time every candidate student shape (budget.blocks x budget.channels, random weights, the "
+                          "target's export and precision recipe) on one frame with upscale's runner: budget.json, "
+                          "budget.png; with --budget-ms, the choice")
+    _add_config_args(p)
+    _add_budget_args(p)
+    p.add_argument("--out", type=Path, help="where budget.json, budget.png and latency.json go "
+                   "(default: runs/<config name>/budget)")
+    p.add_argument("--bundle", type=Path, metavar="DIR", help="instead: write a torch-free probe folder (candidate "
+                   "ONNX models, `make probe`) for a device that cannot train")
+    p.add_argument("--force", action="store_true", help="replace an existing --bundle folder")
+
     p = command("all", "every stage in order: teacher (unless --teacher is given), distill (facd), eval, export, "
                        "quantize, build (where TensorRT runs), verify")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
+    _add_budget_args(p)
     return parser
 
 
@@ -289,7 +325,12 @@ def _run(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if getattr(args, "method", None):
         overrides.append(f'distill.method="{args.method}"')
+    if args.command in ("budget", "all"):
+        overrides += _budget_overrides(args)
     cfg = config_mod.load_config(args.preset, args.config, overrides)
+    if args.command == "budget":
+        _budget(args, cfg, progress)
+        return
     from pipeline import stages
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
@@ -397,6 +438,31 @@ def _check_json_out(args: argparse.Namespace) -> None:
         raise UserError(f"--json {path} is a folder; name a file")
     if (path.exists() or path.is_symlink()) and not args.overwrite:
         raise UserError(f"--json {path} exists already: pass --overwrite to replace it, or name another file")
+
+
+def _budget(args: argparse.Namespace, cfg: object, progress: bool) -> None:
+    from pipeline import budget
+
+    b = cfg.budget
+    if args.bundle:
+        if b.latency_table or b.budget_ms:
+            raise UserError("--bundle writes a probe folder to time on the device; --budget-ms and --latency-table "
+                            "come after, with the latency.json it gives")
+        folder = budget.make_probe_folder(cfg, args.bundle, force=args.force, progress=progress)
+        print(f"wrote {folder}: on the device run `make -C {folder.name} probe`, then bring "
+              f"{folder.name}/{budget.LATENCY_JSON} back as --latency-table")
+        return
+    out = args.out or Path("runs") / cfg.name / "budget"
+    if b.latency_table:
+        table = budget.load_table(Path(b.latency_table), cfg.scale, b.frame, b.backend, b.precision)
+    else:
+        table = budget.measure(cfg, out, progress)
+    if b.budget_ms:
+        budget.student_for_budget(cfg, table, out)
+    else:
+        budget.write_budget(out, table, 0.0, b.margin, None)
+        print(budget.format_table(table))
+    print(f"wrote {out / budget.BUDGET_JSON}")
 
 
 def _write_json(path: Path, data: object) -> None:

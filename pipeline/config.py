@@ -20,6 +20,13 @@ from pipeline.errors import UserError
 class ModelSection:
     teacher: str = "tiny_teacher"  # a preset of `pipeline models`; where one is shipped for the scale, it is used
     student: str = "tiny_student"
+    # The student's shape, overriding the preset's (0 = the preset's); `pipeline all --budget-ms` sets them.
+    student_blocks: int = 0
+    student_channels: int = 0
+
+    def student_shape(self) -> dict[str, int]:
+        """The `create_model` overrides of the student preset: blocks and channels, where set."""
+        return {k: v for k, v in (("blocks", self.student_blocks), ("channels", self.student_channels)) if v}
 
 
 @dataclass
@@ -117,6 +124,25 @@ class EngineSection:
     version_compatible: bool = False  # later TensorRT versions run the plan too (possibly slower)
 
 
+BACKENDS = ("onnxruntime", "tensorrt")  # runtimes a latency budget is measured on (as `pipeline upscale`)
+
+
+@dataclass
+class BudgetSection:
+    """A student sized to a latency budget (`pipeline budget`, `pipeline all --budget-ms`); see pipeline/budget.py."""
+
+    budget_ms: float = 0.0  # p95 latency of one frame; 0 = no budget (the student is model.student as it is)
+    frame: str = "1280x720"  # HR output WxH of one frame; the LR input is frame / scale
+    backend: Literal[BACKENDS] = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] = "int8"
+    latency_table: str = ""  # a latency.json (from a probe folder's `make probe`) instead of timing here
+    margin: float = 0.1  # a candidate fits when its p95 is at most (1 - margin) x budget_ms
+    blocks: list[int] = field(default_factory=lambda: [1, 3, 6, 12])  # EDSR residual blocks of the candidates
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # x these widths: every combination
+    warmup: int = 1
+    repeats: int = 10
+
+
 @dataclass
 class Config:
     name: str = "tiny"
@@ -131,6 +157,7 @@ class Config:
     quant: QuantSection = field(default_factory=QuantSection)
     verify: VerifySection = field(default_factory=VerifySection)
     engine: EngineSection = field(default_factory=EngineSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,9 +298,35 @@ def _validate(cfg: Config) -> None:
     if not 50 < q.percentile <= 100:
         raise UserError(f"config key 'quant.percentile' must be in (50, 100], got {q.percentile}")
     validate_engine_section(cfg.engine)
+    _validate_budget(cfg)
     for key, sizes in {"export.parity_sizes": cfg.export.parity_sizes, "verify.latency_sizes": v.latency_sizes}.items():
         for text in sizes:
             parse_size(text, key)
+
+
+def _validate_budget(cfg: Config) -> None:
+    b, m = cfg.budget, cfg.model
+    for key, value in {"model.student_blocks": m.student_blocks, "model.student_channels": m.student_channels,
+                       "budget.budget_ms": b.budget_ms, "budget.warmup": b.warmup}.items():
+        if value < 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {value}")
+    if b.repeats <= 0:
+        raise UserError(f"config key 'budget.repeats' must be > 0, got {b.repeats}")
+    if not 0 <= b.margin < 1:
+        raise UserError(f"config key 'budget.margin' must be in [0, 1), got {b.margin}")
+    for key, values in {"budget.blocks": b.blocks, "budget.channels": b.channels}.items():
+        if not values or min(values) < 1:
+            raise UserError(f"config key {key!r} must list integers >= 1, got {values}")
+    frame_lr_size(b.frame, cfg.scale)
+
+
+def frame_lr_size(frame: str, scale: int) -> tuple[int, int]:
+    """The LR input (h, w) of an HR output frame 'WxH' at `scale`; a UserError unless both sides divide by it."""
+    h, w = parse_size(frame, "frame size (budget.frame, --frame)")
+    if h % scale or w % scale:
+        raise UserError(f"frame size {frame!r}: width and height must be multiples of the scale {scale} "
+                        f"(the LR input is frame / {scale})")
+    return h // scale, w // scale
 
 
 def validate_engine_section(sec: EngineSection) -> None:

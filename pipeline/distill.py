@@ -92,7 +92,8 @@ def validation_gate_probe(cfg: Config, teacher: SRNet, device: torch.device) -> 
 
 def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, resume: bool,
                     progress: bool = True) -> dict[str, Any]:
-    """Train the student preset `cfg.model.student` from `teacher` with `cfg.distill.method`; write `final`."""
+    """Train the student preset `cfg.model.student` (shaped by `model.student_blocks` / `student_channels`) from
+    `teacher` with `cfg.distill.method`; write `final`."""
     method = cfg.distill.method
     if teacher.scale != cfg.scale:
         raise UserError(f"the teacher is for scale {teacher.scale}, the config for scale {cfg.scale}")
@@ -101,7 +102,7 @@ def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, 
         raise UserError(f"FACD with negatives from other images needs at least 2 patches per process; train.batch is "
                         f"{cfg.train.batch} on {ctx.world} process(es) (raise it, or set facd.negatives=\"all-positions\")")
     torch.manual_seed(cfg.seed)
-    student = create_model(cfg.model.student, scale=cfg.scale)
+    student = create_model(cfg.model.student, scale=cfg.scale, **cfg.model.student_shape())
     trainee, teacher_taps = Trainee(student), []
     if method in _USES_FEATURES:
         try:

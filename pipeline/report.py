@@ -47,6 +47,21 @@ def format_rows(report: dict) -> str:
     ])
 
 
+def format_budget(report: dict) -> str:
+    """The latency budget's table (report["latency_budget"]): budget, the chosen shape, the trained student's
+    measured latency on the budget's runner, and that runner's Y-PSNR row."""
+    g = report["latency_budget"]
+    s = g["student"]
+    row = next((r for r in report["rows"] if f"{r['backend']}-{r['precision']}" == g.get("runner")), None)
+    used = f"{100 * g['used']:.0f}%" if g.get("used") is not None else "-"
+    runner = g.get("runner") or f"{g['backend']} {g['precision']}"
+    return _table(("budget ms", "frame", "runner", "student", "p50 ms", "p95 ms", "used", "Y-PSNR", "status",
+                   "reason"), [[f"{g['budget_ms']:g}", g["frame"], runner,
+                                f"{s['preset']} {s['blocks']} blocks x {s['channels']} channels",
+                                _num(g["p50_ms"], 1), _num(g["p95_ms"], 1), used,
+                                _num(row["psnr_y"] if row else None), g["status"], g["reason"]]])
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -91,6 +106,7 @@ def _markdown(report: dict) -> str:
         "",
         format_rows(report),
         "",
+        *(["## Latency budget", "", format_budget(report), ""] if "latency_budget" in report else []),
         "## Throughput",
         "",
         _table(THROUGHPUT_COLUMNS, throughput) if throughput else "Not measured.",

@@ -116,12 +116,47 @@ def resolve_teacher(cfg: Config, run: RunDir, given: Path | None, *, refresh_own
     return stage_teacher(cfg, run, resume=resume, force=force, progress=progress)
 
 
+BUDGET_DIR = "budget"  # budget.json, budget.png, latency.json (when timed here)
+
+
+def stage_budget(cfg: Config, run: RunDir, *, force: bool = False, progress: bool = True) -> Config:
+    """The config with the student shaped for `budget.budget_ms`: the candidates' latencies from
+    `budget.latency_table`, else timed here into `<run>/budget/latency.json` (skipped while up to date)."""
+    from pipeline import budget
+
+    b = cfg.budget
+    out = run.path(BUDGET_DIR)
+    if b.latency_table:
+        table = budget.load_table(Path(b.latency_table), cfg.scale, b.frame, b.backend, b.precision)
+    elif not is_main_process():
+        raise UserError("under torchrun, time the candidates first (`pipeline budget`) and pass its latency.json "
+                        "as --latency-table")
+    else:
+        c = cfg.to_dict()
+        config = {"scale": cfg.scale, "model.student": cfg.model.student, "data.train": cfg.data.train,
+                  "export": c["export"], "quant": c["quant"], "machine": budget.machine(),
+                  "budget": {k: v for k, v in c["budget"].items() if k not in ("budget_ms", "margin", "latency_table")}}
+        key = run.stage_key("budget", config, [])
+        name = f"{BUDGET_DIR}/{budget.LATENCY_JSON}"
+        if not force and run.is_current("budget", key):
+            log.info("budget: up to date (same candidates, recipe and machine), reusing %s", run.path(name))
+            table = json.loads(run.path(name).read_text())
+        else:
+            table = budget.measure(cfg, out, progress)
+            run.record("budget", key, config, [], [name])
+    return budget.student_for_budget(cfg, table, out)
+
+
 def stage_distill(cfg: Config, run: RunDir, teacher: Path, *, final: str = STUDENT, resume: bool = False,
                   force: bool = False, progress: bool = True) -> Path:
     """Distil the student from `teacher` with `cfg.distill.method` into `<run>/<final>` (work files beside it)."""
     c = cfg.to_dict()
     config = {k: c[k] for k in ("scale", "seed", "data", "train", "distill", "facd")}
     config["model.student"] = cfg.model.student
+    if cfg.model.student_shape():  # only when set, so the keys of runs without them stay the same
+        config["model.student_shape"] = cfg.model.student_shape()
+    if cfg.budget.budget_ms:  # the checkpoint's config carries the budget that verify gates against
+        config["budget"] = c["budget"]
     stage = "distill" if final == STUDENT else f"distill:{final}"
     return _train_stage(stage, run, final, config, [teacher],
                         lambda work, out: distill_student(cfg, load_model(teacher, cfg.scale), work, out,
@@ -449,7 +484,8 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     """Every backend x precision against the PyTorch FP32 reference: `report.json`, `report.md`, plots; GateFailed
     when a gate fails (after the report is written) or a backend in `require` could not run."""
     from pipeline import verify
-    from pipeline.report import REPORT_FILES, format_rows, write_report
+    from pipeline.budget import latency_gate
+    from pipeline.report import REPORT_FILES, format_budget, format_rows, write_report
 
     needed = {STUDENT: "pipeline distill", FP32_ONNX: "pipeline export", FP16_ONNX: "pipeline export",
               INT8_ONNX: "pipeline quantize", INT8_CPU_ONNX: "pipeline quantize"}
@@ -470,6 +506,10 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
     else:
         student = load_model(run.path(STUDENT), cfg.scale)
         report, crops = verify.verify(cfg, verify.candidates(run.root, student), list(require), progress)
+        gate = latency_gate(run.root, load_checkpoint(run.path(STUDENT)), progress)
+        if gate is not None:
+            report["latency_budget"] = gate
+            report["passed"] = report["passed"] and gate["status"] != "fail"
         written = run.writable()
         if written:
             write_json_atomic(out, report)
@@ -478,6 +518,8 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
         else:
             log.warning("verify: %s is read-only: the report is printed, not written", run.root)
     print(format_rows(report))
+    if "latency_budget" in report:
+        print(format_budget(report))
     if written:
         print(f"report: {run.path('report.md')}")
     if not report["passed"]:
@@ -539,7 +581,10 @@ def check_models_of_student(root: Path) -> None:
 def run_all(cfg: Config, run: RunDir, *, teacher: Path | None = None, resume: bool = False, force: bool = False,
             progress: bool = True) -> None:
     """teacher (given, the run's own, shipped, or trained) -> distill (cfg.distill.method, facd by default) -> eval (with its gate) -> export ->
-    quantize -> build (where TensorRT runs) -> verify (with its gates)."""
+    quantize -> build (where TensorRT runs) -> verify (with its gates). With `budget.budget_ms`, the student's
+    shape is chosen for the budget first, and verify gates its latency."""
+    if cfg.budget.budget_ms:
+        cfg = stage_budget(cfg, run, force=force, progress=progress)
     teacher = resolve_teacher(cfg, run, teacher, refresh_own=True, resume=resume, force=force, progress=progress)
     student = stage_distill(cfg, run, teacher, resume=resume, force=force, progress=progress)
     if is_main_process():

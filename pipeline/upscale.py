@@ -127,9 +127,9 @@ def make_runner(backend: str, precision: str | None, run_root: Path, model: Path
     from pipeline.backends.ort_runner import onnx_for
 
     if backend == "onnxruntime":
-        from pipeline.backends.ort_runner import OrtRunner, provider_status
+        from pipeline.backends.ort_runner import OrtRunner, fastest_device
 
-        device = next(d for d in ("tensorrt", "cuda", "cpu") if d == "cpu" or provider_status(d)[0])
+        device = fastest_device()
         path = _pick(model, run_root / onnx_for(precision or "fp32", device), (".onnx",), backend)
         runner = OrtRunner(path, device, **tiling)
         _check_precision(runner.precision, precision, path)

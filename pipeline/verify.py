@@ -214,5 +214,7 @@ def machine() -> dict[str, Any]:
 
 
 def failing(report: dict[str, Any]) -> list[str]:
-    return [f"{r['backend']} {r['precision']} ({r['model']}): {r['reason']}" for r in report["rows"]
+    rows = [f"{r['backend']} {r['precision']} ({r['model']}): {r['reason']}" for r in report["rows"]
             if r["status"] == "fail"]
+    gate = report.get("latency_budget")
+    return rows + ([f"latency budget: {gate['reason']}"] if gate and gate["status"] == "fail" else [])

@@ -28,6 +28,11 @@ def provider_status(device: str) -> tuple[bool, str]:
     return False, f"onnxruntime {ort.__version__} here has no {PROVIDERS[device]}{hint}"
 
 
+def fastest_device() -> str:
+    """The provider `pipeline upscale` runs ONNX models on: TensorRT, else CUDA, else the CPU."""
+    return next(d for d in ("tensorrt", "cuda", "cpu") if d == "cpu" or provider_status(d)[0])
+
+
 def onnx_for(precision: str, device: str) -> str:
     """The ONNX file of a run for `precision` on `device`: INT8 on the CPU provider is the U8S8 CPU model, on the GPU
     providers the TensorRT-style one."""
