@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
-from pipeline.rundir import RunDir, versions, write_json_atomic
+from pipeline.rundir import RunDir, check_writable, versions, write_json_atomic
 from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
@@ -262,6 +262,7 @@ def _run(args: argparse.Namespace) -> None:
     from pipeline import stages
 
     run = RunDir(args.run_dir or Path("runs") / cfg.name)
+    check_writable(run.root)
     if stages.is_main_process():
         _setup_logging(args.quiet, run.root)
     else:  # the other ranks of a torchrun launch: rank 0 alone writes run.log and shows progress
