@@ -19,12 +19,13 @@
 # --build-arg TRT_TAG=26.06-py3 (TensorRT 11.0.0, CUDA 13.3); the code handles both majors.
 # cpu base image: python:3.11-slim-bookworm (Debian 12, Python 3.11); torch 2.13.0+cpu from PyTorch's CPU index.
 #
-# The cpu stages come first: Docker's legacy builder builds every stage up to --target, so `--target cpu` never
+# The cpu stage comes first: Docker's legacy builder builds every stage up to --target, so `--target cpu` never
 # needs NVIDIA's registry.
 ARG CPU_BASE=python:3.11-slim-bookworm
 ARG TRT_TAG=26.04-py3
 
 FROM ${CPU_BASE} AS cpu
+# What differs between the targets: the extra, torch's index (its CPU or CUDA build) and the module the venv must see.
 ARG EXTRA=cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG VENV_MODULE=onnxruntime
