@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
-from pipeline.rundir import MANIFEST, RunDir, versions, write_json_atomic
+from pipeline.rundir import MANIFEST, RunDir, check_writable, versions, write_json_atomic
 from pipeline.upscale import DEFAULT_TILE
 
 log = logging.getLogger("pipeline")
@@ -337,6 +337,8 @@ def _run(args: argparse.Namespace) -> None:
     # bundle only reads the run; verify writes its report where it can. Neither creates a missing run directory.
     reader = args.command in ("bundle", "verify")
     run.check_folder(must_exist=reader)
+    if not reader:
+        check_writable(run.root)
     writes = not reader or (args.command == "verify" and run.writable())
     if not stages.is_main_process():  # the other ranks of a torchrun launch: rank 0 alone writes and shows progress
         _setup_logging(quiet=True)

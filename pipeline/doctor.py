@@ -147,6 +147,31 @@ def _nvcc() -> dict[str, Any]:
     return {"version": release[1], "path": path}
 
 
+def cpu_probe() -> tuple[bool, str]:
+    """(True, "") when the CPU path computes here: a PyTorch convolution, and ONNX Runtime's CPU provider running a
+    one-node model with the expected result; else (False, why not). The CPU image's health check."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        import torch
+        from onnx import TensorProto, helper
+
+        y = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
+        if y.item() != 9.0:
+            return False, f"PyTorch's 3x3 convolution of ones gave {y.item()}, not 9"
+        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = session.run(None, {"x": np.array([1.0, 2.0], np.float32)})[0]
+    except Exception as e:  # noqa: BLE001 - a missing or broken install is the answer, not a crash
+        return False, f"{type(e).__name__}: {e}"
+    if out.tolist() != [2.0, 4.0]:
+        return False, f"ONNX Runtime's CPU provider computed x + x = {out.tolist()} for x = [1, 2]"
+    return True, ""
+
+
 def enables(report: dict[str, Any]) -> dict[str, str]:
     """What the probed machine can do, one line per capability, with the fallback where it cannot."""
     trt, ort, torch = report["tensorrt"], report["onnxruntime"], report["torch"]

@@ -79,6 +79,35 @@ def versions() -> dict[str, str]:
     return out
 
 
+def mount_point_of(path: Path) -> Path:
+    """The mount point of the file system `path` lies on (bind mounts count, unlike for os.path.ismount)."""
+    path = path.resolve()
+    try:
+        mounts = [Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    except OSError:
+        mounts = [p for p in (path, *path.parents) if os.path.ismount(p)]
+    return max((m for m in mounts if path.is_relative_to(m)), key=lambda m: len(m.parts), default=Path("/"))
+
+
+def check_writable(root: Path) -> None:
+    """Before a run starts: its directory can be made and written and, where the environment names the runs volume
+    (PIPELINE_RUNS_VOLUME, set in the Docker image), it lies on a mounted volume rather than in the container's own
+    file system, where it would vanish with the container. Otherwise UserError says why; nothing is left behind."""
+    volume = os.environ.get("PIPELINE_RUNS_VOLUME")
+    if volume and mount_point_of(root) == Path("/"):
+        raise UserError(f"no volume is mounted for {root}, so the run would vanish with the container: mount a "
+                        f'folder you own, e.g. docker run -v "$PWD/runs:{volume}" ...')
+    existed = root.is_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        if not existed and root.is_dir():
+            root.rmdir()
+        hint = f"; the folder mounted at {volume} must be writable by uid {os.getuid()}" if volume else ""
+        raise UserError(f"cannot write the run directory {root}: {e.strerror} (uid {os.getuid()}){hint}") from None
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)

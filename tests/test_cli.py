@@ -156,3 +156,22 @@ def test_kernels_build_without_nvcc_is_a_clear_error(monkeypatch, tmp_path, caps
     monkeypatch.setenv("FACD_KERNEL_CACHE", str(tmp_path))
     assert main(["kernels", "build", "--force"]) == 2
     assert "error: nvcc not found" in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_be_written_stops_before_it_starts(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["all", "--run-dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write the run directory {blocker / 'run'}: Not a directory" in err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_in_the_image_a_run_outside_a_mounted_volume_is_refused(monkeypatch, capsys):
+    """The Docker image names its runs volume; a run on the container's own file system (no -v) would vanish."""
+    monkeypatch.setenv("PIPELINE_RUNS_VOLUME", "/work/runs")
+    on_root_fs = Path("/facd-no-volume-here") / "run"  # no file system is mounted there: it lies on "/"
+    assert main(["all", "--run-dir", str(on_root_fs)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no volume is mounted for {on_root_fs}" in err and "-v \"$PWD/runs:/work/runs\"" in err
+    assert not on_root_fs.parent.exists()

@@ -1,9 +1,11 @@
 """The Docker images, checked without a Docker engine: what the Dockerfiles install and run must exist in the project.
+(`make docker-test` builds the cpu target and runs it for real.)
 
-- Dockerfile (x86_64 dGPU): a pinned NVIDIA TensorRT base whose comment names its TensorRT version, the project
-  installed non-editable with an extra that pyproject.toml defines, pins that agree with pyproject.toml and the
-  Makefile, `--no-cache-dir`, a non-root user, WORKDIR /work (so `-v $PWD/runs:/work/runs` catches `runs/<name>`),
-  a HEALTHCHECK that calls a real function, and an exec-form ENTRYPOINT that is one of the console scripts.
+- Dockerfile, two targets that run the same steps and differ in the base image and the extra: gpu (a pinned NVIDIA
+  TensorRT base whose comment names its TensorRT version) and cpu (a pinned slim Python base, torch's CPU build).
+  Each: the project installed non-editable with its extra, pins that agree with pyproject.toml and the Makefile,
+  `--no-cache-dir`, a non-root user, WORKDIR /work (so `-v $PWD/runs:/work/runs` catches `runs/<name>`), a
+  HEALTHCHECK that calls the real probe of its compute path, and an exec-form ENTRYPOINT that is a console script.
 - Dockerfile.jetson: the torch-free edge runtime (`pipeline.edge verify` on a mounted bundle) for JetPack 6 by default.
 - .dockerignore: run directories, environments, caches and shared fixtures never reach the build context, while every
   file that `pip install .` needs does.
@@ -43,6 +45,7 @@ class Instr:
     keyword: str  # upper case
     args: str  # continuation lines joined, ARG references substituted
     line: int
+    raw: str = ""  # continuation lines joined, as written
 
 
 def _substitute(text: str, args: dict[str, str]) -> str:
@@ -77,7 +80,7 @@ def parse_dockerfile(path: Path) -> list[Instr]:
             name, eq, default = rest.partition("=")
             if eq:
                 args[name.strip()] = _substitute(default.strip().strip('"').strip("'"), args)
-        instrs.append(Instr(keyword, _substitute(rest, args) if keyword != "ARG" else rest, start))
+        instrs.append(Instr(keyword, _substitute(rest, args) if keyword != "ARG" else rest, start, rest))
     assert not buf, f"{path.name}: the file ends inside a line continuation"
     return instrs
 
@@ -96,6 +99,30 @@ def exec_form(instr: Instr) -> list[str]:
     value = json.loads(instr.args)
     assert isinstance(value, list) and value and all(isinstance(v, str) for v in value), instr.args
     return value
+
+
+def stages(instrs: list[Instr]) -> dict[str, list[Instr]]:
+    """Each stage's instructions (FROM first), by its `AS` name."""
+    out: dict[str, list[Instr]] = {}
+    current: list[Instr] | None = None
+    for instr in instrs:
+        if instr.keyword == "FROM":
+            tokens = instr.args.split()
+            assert len(tokens) >= 3 and tokens[-2].upper() == "AS", f"line {instr.line}: name every stage (FROM x AS y)"
+            current = out[tokens[-1]] = []
+        if current is not None:
+            current.append(instr)
+    return out
+
+
+def target(instrs: list[Instr], name: str) -> list[Instr]:
+    """What `docker build --target name` runs: the stage and the stages it starts from, oldest first."""
+    by_name = stages(instrs)
+    assert name in by_name, f"no stage {name!r} (stages: {sorted(by_name)})"
+    chain = [by_name[name]]
+    while (parent := image_ref(chain[0][0])) in by_name:
+        chain.insert(0, by_name[parent])
+    return [i for stage in chain for i in stage]
 
 
 def shell_commands(instr: Instr) -> list[list[str]]:
@@ -238,51 +265,119 @@ def assert_copies_stay_in_context(instrs: list[Instr]) -> None:
             assert "://" not in src, f"line {instr.line}: no downloads with ADD"
 
 
-# --- the dGPU image --------------------------------------------------------------------------------------------------
+# --- the two targets of Dockerfile: gpu (NVIDIA TensorRT container) and cpu (slim Python) -------------------------
+
+EXTRAS = {"cpu": "cpu", "gpu": "gpu"}
+# The only ARG defaults the two targets may set differently (besides the base image, chosen by FROM).
+TARGET_ARGS = {"EXTRA", "TORCH_INDEX", "VENV_MODULE"}
+
 
 @pytest.fixture(scope="module")
-def dgpu() -> list[Instr]:
+def dockerfile() -> list[Instr]:
     assert DOCKERFILE.is_file(), "Dockerfile is missing"
     return parse_dockerfile(DOCKERFILE)
 
 
-def test_base_image_is_a_pinned_tensorrt_container_with_its_versions_noted(dgpu):
-    froms = only(dgpu, "FROM")
-    assert froms
-    name, tag = assert_pinned(image_ref(froms[-1]))
-    assert name == "nvcr.io/nvidia/tensorrt", f"the final stage should start from NVIDIA's TensorRT container: {name}"
+@pytest.fixture(scope="module")
+def dgpu(dockerfile) -> list[Instr]:
+    return target(dockerfile, "gpu")
+
+
+@pytest.fixture(scope="module")
+def cpu(dockerfile) -> list[Instr]:
+    return target(dockerfile, "cpu")
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def image(request, dockerfile) -> tuple[str, list[Instr]]:
+    return request.param, target(dockerfile, request.param)
+
+
+def _defaults(stage: list[Instr]) -> dict[str, str]:
+    return {name.strip(): value.strip().strip('"') for i in only(stage, "ARG")
+            for name, _, value in [i.args.partition("=")]}
+
+
+def test_the_targets_share_every_step_but_the_base_image_and_the_extra(dockerfile):
+    """cpu and gpu run the same instructions, as written, in the same order; they differ in FROM, in the ARG defaults
+    of TARGET_ARGS and in the HEALTHCHECK (what "healthy" means differs). The steps only gpu has stay few."""
+    by_name = stages(dockerfile)
+    assert list(by_name)[0] == "cpu", "cpu first: the legacy builder builds every stage up to --target"
+    cpu_stage, gpu_stage = by_name["cpu"], by_name["gpu"]
+
+    def steps(stage: list[Instr]) -> list[tuple[str, str]]:
+        return [(i.keyword, i.raw) for i in stage[1:] if i.keyword != "HEALTHCHECK"
+                and not (i.keyword == "ARG" and i.args.partition("=")[0] in TARGET_ARGS)]
+
+    assert steps(cpu_stage) == steps(gpu_stage)
+    cpu_args, gpu_args = _defaults(cpu_stage), _defaults(gpu_stage)
+    differ = {k for k in cpu_args.keys() | gpu_args.keys() if cpu_args.get(k) != gpu_args.get(k)}
+    assert differ == TARGET_ARGS, differ
+    assert (cpu_args["EXTRA"], gpu_args["EXTRA"]) == (EXTRAS["cpu"], EXTRAS["gpu"])
+    gpu_only = [i for i in target(dockerfile, "gpu") if i not in gpu_stage]
+    assert image_ref(gpu_stage[0]) == "gpu-base" and len(gpu_only) <= 3, (
+        f"the steps only the gpu target has: {[(i.keyword, i.line) for i in gpu_only]}")
+
+
+def test_gpu_base_is_a_pinned_tensorrt_container_with_its_versions_noted(dgpu):
+    name, tag = assert_pinned(image_ref(dgpu[0]))
+    assert name == "nvcr.io/nvidia/tensorrt", f"the gpu target should start from NVIDIA's TensorRT container: {name}"
     assert re.fullmatch(r"\d\d\.\d\d-py3", tag), f"unexpected TensorRT container tag {tag}"
     text = comments(DOCKERFILE)
     at = text.find(f"tensorrt:{tag}")
     assert at >= 0, f"the comments do not name the base image tensorrt:{tag}"
     noted = text[at:at + 300]
     assert re.search(r"TensorRT \d+\.\d+", noted), f"the comment on tensorrt:{tag} does not give its TensorRT version"
-    assert re.search(r"CUDA \d+\.\d+", noted), f"the comment on tensorrt:{tag} does not give its CUDA version"
+    cuda = re.search(r"CUDA (\d+)\.\d+", noted)
+    assert cuda, f"the comment on tensorrt:{tag} does not give its CUDA version"
     python = re.search(r"Python (3\.\d+)", noted)
     assert python, f"the comment on tensorrt:{tag} does not give its Python version"
     requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
     assert requires.contains(python.group(1) + ".0"), (
         f"the base image's Python {python.group(1)} does not satisfy requires-python {requires}")
+    # cuda-python follows the container's CUDA major, within what pyproject.toml's gpu extra allows.
+    runs = " ".join(i.args for i in only(dgpu, "RUN"))
+    pin = re.search(r'echo "(cuda-python[^"]+)" > (\S+)', runs)
+    assert pin and f"PIP_CONSTRAINT={pin.group(2)}" in " ".join(i.args for i in only(dgpu, "ENV")), (
+        "the gpu target constrains cuda-python to the container's CUDA major (PIP_CONSTRAINT)")
+    spec = Requirement(pin.group(1)).specifier
+    major = int(cuda.group(1))
+    assert spec.contains(f"{major}.0.0") and not spec.contains(f"{major + 1}.0.0"), (pin.group(1), major)
+    assert declared_requirements()["cuda-python"].contains(f"{major}.0.0")
 
 
-def test_project_is_installed_non_editable_with_an_extra_that_exists(dgpu):
+def test_cpu_base_is_a_pinned_slim_python_that_the_project_and_the_torch_wheel_fit(cpu, dockerfile):
+    defaults = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in dockerfile
+                if i.keyword == "ARG" and i.line < cpu[0].line}
+    assert cpu[0].raw.split()[0] == "${CPU_BASE}", "the cpu base is the CPU_BASE build arg (a mirror can be named)"
+    name, tag = assert_pinned(defaults["CPU_BASE"])
+    python = re.fullmatch(r"(3\.\d+)-slim-\w+", tag)
+    assert name == "python" and python, f"the cpu target should start from a slim Python image: {name}:{tag}"
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(python.group(1) + ".0")
+    torch_index = _defaults(stages(dockerfile)["cpu"])["TORCH_INDEX"]
+    assert torch_index == "https://download.pytorch.org/whl/cpu", "the cpu image takes torch's CPU build"
+
+
+def test_project_is_installed_non_editable_with_the_targets_extra(image):
+    name, instrs = image
     extras_declared = set(PYPROJECT["project"].get("optional-dependencies", {}))
-    installs = [(pip, extras) for pip in pip_installs(dgpu) for token in pip.requirements
+    installs = [(pip, extras) for pip in pip_installs(instrs) for token in pip.requirements
                 if (extras := project_extras(token)) is not None]
     assert installs, "no `pip install .[...]` of the project"
     for pip, extras in installs:
-        assert "gpu" in extras, f"line {pip.instr.line}: the dGPU image should install the gpu extra, not {extras}"
+        assert extras == {EXTRAS[name]}, f"line {pip.instr.line}: the {name} image installs extras {extras}"
         assert extras <= extras_declared, (
             f"line {pip.instr.line}: extras {sorted(extras - extras_declared)} are not in pyproject.toml's "
             f"[project.optional-dependencies] ({sorted(extras_declared)})")
         assert not {"-e", "--editable"} & set(pip.options), f"line {pip.instr.line}: the image install is editable"
-        copies = [i for i in only(dgpu, "COPY") if i.line < pip.instr.line]
-        assert any(shlex.split(c.args)[0] in {".", "./"} for c in copies), (
-            f"line {pip.instr.line}: the project is installed before it is copied in")
+        project = next(t for t in pip.requirements if project_extras(t) is not None).split("[")[0]
+        copies = [shlex.split(c.args) for c in only(instrs, "COPY") if c.line < pip.instr.line]
+        assert any(c[0] in {".", "./"} and (c[-1].rstrip("/") == project.rstrip("/") or project in {".", "./"})
+                   for c in copies), f"line {pip.instr.line}: the project is installed before it is copied in"
 
 
-def test_every_pip_install_skips_the_cache_and_pins_what_pyproject_allows(dgpu):
-    pips = pip_installs(dgpu)
+def test_every_pip_install_skips_the_cache_and_pins_what_pyproject_allows(image):
+    pips = pip_installs(image[1])
     assert pips
     for pip in pips:
         assert "--no-cache-dir" in pip.options, f"line {pip.instr.line}: pip install without --no-cache-dir"
@@ -293,18 +388,18 @@ def test_every_pip_install_skips_the_cache_and_pins_what_pyproject_allows(dgpu):
     assert all(any(s.operator == "==" for s in r.specifier) for r in torch), "pin torch with =="
 
 
-def test_torch_pin_matches_the_makefile(dgpu):
+def test_torch_pin_matches_the_makefile(image):
     makefile = (ROOT / "Makefile").read_text()
     m = re.search(r"^TORCH\s*\?=\s*(\S+)", makefile, re.M)
     if m is None:
         return  # the Makefile no longer pins torch: nothing to agree with
-    pins = {t for p in pip_installs(dgpu) for t in p.requirements
+    pins = {t for p in pip_installs(image[1]) for t in p.requirements
             if project_extras(t) is None and Requirement(t).name == "torch"}
     assert pins == {m.group(1)}, f"Dockerfile torch {sorted(pins)} != Makefile TORCH {m.group(1)}"
 
 
-def test_entrypoint_is_a_console_script_that_exists(dgpu):
-    entry = only(dgpu, "ENTRYPOINT")
+def test_entrypoint_is_a_console_script_that_exists(image):
+    entry = only(image[1], "ENTRYPOINT")
     assert len(entry) == 1
     argv = exec_form(entry[0])
     scripts = PYPROJECT["project"]["scripts"]
@@ -314,12 +409,13 @@ def test_entrypoint_is_a_console_script_that_exists(dgpu):
     assert callable(func)
 
 
-def test_default_command_runs(dgpu, capsys):
+def test_default_command_runs(image, capsys):
     """CMD is what `docker run pipeline` does with no arguments: it must be something the CLI accepts."""
-    cmd = only(dgpu, "CMD")
+    instrs = image[1]
+    cmd = only(instrs, "CMD")
     assert cmd
     argv = exec_form(cmd[-1])
-    module, _, attr = PYPROJECT["project"]["scripts"][exec_form(only(dgpu, "ENTRYPOINT")[0])[0]].partition(":")
+    module, _, attr = PYPROJECT["project"]["scripts"][exec_form(only(instrs, "ENTRYPOINT")[0])[0]].partition(":")
     main = getattr(importlib.import_module(module), attr)
     try:
         code = main(argv)
@@ -329,38 +425,40 @@ def test_default_command_runs(dgpu, capsys):
     assert capsys.readouterr().out
 
 
-def test_runs_as_a_non_root_user(dgpu):
-    assert_non_root(dgpu)
+def test_runs_as_a_non_root_user(image):
+    assert_non_root(image[1])
 
 
-def test_workdir_is_where_runs_are_mounted(dgpu):
-    entry = only(dgpu, "ENTRYPOINT")[0]
-    workdirs = [i for i in only(dgpu, "WORKDIR") if i.line < entry.line]
+def test_workdir_is_where_runs_are_mounted(image):
+    instrs = image[1]
+    entry = only(instrs, "ENTRYPOINT")[0]
+    workdirs = [i for i in only(instrs, "WORKDIR") if i.line < entry.line]
     assert workdirs and workdirs[-1].args == "/work", "`pipeline all` writes runs/<name> under WORKDIR: use /work"
-    runs = " ".join(i.args for i in only(dgpu, "RUN"))
-    assert "/work/runs" in runs, "/work/runs is not created (writable) for the non-root user"
-    env = " ".join(i.args for i in only(dgpu, "ENV"))
+    env = " ".join(i.args for i in only(instrs, "ENV"))
+    assert "PIPELINE_RUNS_VOLUME=/work/runs" in env, (
+        "name the runs volume, so that a run without -v ...:/work/runs is refused instead of vanishing")
     assert re.search(r"\bHOME=/\S+", env), "no HOME for the kernel and TensorRT timing caches"
 
 
-def test_healthcheck_calls_something_that_exists(dgpu):
-    checks = only(dgpu, "HEALTHCHECK")
+def test_healthcheck_calls_something_that_exists_and_fits_the_target(image):
+    name, instrs = image
+    checks = only(instrs, "HEALTHCHECK")
     assert len(checks) == 1, "one HEALTHCHECK (or document `docker run --gpus all pipeline doctor` instead)"
     text = checks[0].args
     assert "NONE" not in text.split()
     argv = exec_form(Instr("CMD", text[text.index("CMD") + 3:].strip(), checks[0].line))
-    if Path(argv[0]).name.startswith("python"):
-        code = argv[argv.index("-c") + 1]
-        imports = re.findall(r"from ([\w.]+) import (\w+)", code)
-        assert imports, "the health check imports nothing from the project"
-        for module, name in imports:
-            assert callable(getattr(importlib.import_module(module), name)), f"{module}.{name} is not callable"
-    else:
-        assert argv[0] in PYPROJECT["project"]["scripts"], f"health check command {argv[0]!r} is not in the image"
+    assert Path(argv[0]).name.startswith("python"), argv
+    code = argv[argv.index("-c") + 1]
+    imports = re.findall(r"from ([\w.]+) import (\w+)", code)
+    assert imports, "the health check imports nothing from the project"
+    for module, attr in imports:
+        assert callable(getattr(importlib.import_module(module), attr)), f"{module}.{attr} is not callable"
+    probe = {"cpu": "cpu_probe", "gpu": "cuda_probe"}[name]
+    assert [attr for _, attr in imports] == [probe], f"the {name} image is healthy when {probe}() is"
 
 
-def test_nothing_is_copied_from_outside_the_context(dgpu):
-    assert_copies_stay_in_context(dgpu)
+def test_nothing_is_copied_from_outside_the_context(image):
+    assert_copies_stay_in_context(image[1])
 
 
 # --- the Jetson edge image -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+import sys
 import subprocess
 
 import pytest
@@ -138,3 +139,23 @@ def test_openvino_line():
     absent = {"version": None, "reason": "openvino is not installed"}
     missing = enables({**_report(False, False, None), "openvino": absent})
     assert missing["OpenVINO"] == "no (openvino is not installed) -> ONNX Runtime on the CPU"
+
+
+def test_cpu_probe_computes_here_and_says_why_when_it_cannot(monkeypatch):
+    assert doctor.cpu_probe() == (True, "")
+
+    class WrongSession:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, outputs, feeds):
+            return [feeds["x"] * 3]
+
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", WrongSession)
+    ok, why = doctor.cpu_probe()
+    assert not ok and why == "ONNX Runtime's CPU provider computed x + x = [3.0, 6.0] for x = [1, 2]"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    ok, why = doctor.cpu_probe()
+    assert not ok and why.startswith("ModuleNotFoundError") and "onnxruntime" in why

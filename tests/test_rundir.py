@@ -1,5 +1,8 @@
 import hashlib
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +55,15 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     run.manifest_path.write_text("{not json")
     with pytest.raises(UserError, match="manifest.json is corrupt"):
         run.is_current("s", "k")
+
+
+def test_mount_point_of_agrees_with_findmnt(tmp_path):
+    from pipeline.rundir import mount_point_of
+
+    findmnt = shutil.which("findmnt")
+    if findmnt is None:
+        pytest.skip("findmnt (util-linux) is not installed")
+    for path in (tmp_path, Path("/proc/self"), Path("/")):
+        target = subprocess.run([findmnt, "-n", "-o", "TARGET", "-T", str(path)], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        assert mount_point_of(path) == Path(target), path
