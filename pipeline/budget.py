@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import Runner
+from pipeline.backends.base import Runner, call_times_ms
 from pipeline.config import EngineSection, frame_lr_size
 from pipeline.errors import UserError
 from pipeline.rundir import ONNX, versions, write_json_atomic
@@ -224,13 +224,7 @@ def resolve_backend(backend: str) -> str:
 def frame_latency(runner: Runner, lr_hw: tuple[int, int], warmup: int, repeats: int) -> dict[str, float]:
     """p50 / p95 (ms) of `runner.infer` on one random uint8 LR frame, as `pipeline upscale` calls it per image."""
     frame = np.random.default_rng(0).integers(0, 256, (*lr_hw, 3), dtype=np.uint8)
-    for _ in range(warmup):
-        runner.infer(frame)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.infer(frame)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = call_times_ms(lambda: runner.infer(frame), warmup, repeats)
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
 
 

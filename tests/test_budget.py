@@ -22,6 +22,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
+from conftest import SMALL_CALIB
 
 SMALL_GRID = ["--set", "budget.blocks=[1]", "--set", "budget.channels=[4, 8]", "--set", "budget.repeats=2",
               "--set", "budget.warmup=0", "--frame", "64x48"]
@@ -182,14 +183,16 @@ def test_the_chosen_shape_is_what_distill_trains_and_records(tmp_path, table_fil
 
 
 def _run_with_budget(exported_run: Path, dest: Path, budget_ms: float) -> Path:
+    """A run whose student was distilled for `budget_ms`, exported and quantized as the pipeline does."""
     run = dest / "run"
-    shutil.copytree(exported_run, run)
     cfg = load_config(overrides=[f"budget.budget_ms={budget_ms}", 'budget.frame="64x48"', "budget.repeats=3",
                                  'budget.precision="fp32"'])
-    ckpt = load_checkpoint(run / "student.pt")
     model = create_model("tiny_student", scale=4)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(load_checkpoint(exported_run / "student.pt")["state_dict"])
     save_checkpoint(run / "student.pt", model, config=cfg.to_dict())
+    shutil.copy(exported_run / "calib.npz", run / "calib.npz")
+    assert main(["-q", "export", "--run-dir", str(run)]) == 0
+    assert main(["-q", "quantize", "--run-dir", str(run), "--calib", str(run / "calib.npz"), *SMALL_CALIB]) == 0
     return run
 
 

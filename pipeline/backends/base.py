@@ -9,7 +9,7 @@ one piece (`max_lr_hw`, e.g. a TensorRT profile) or than `tile` asks for, and bl
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,18 @@ def _ramp(n: int, overlap: int, fade_start: bool, fade_end: bool) -> np.ndarray:
     return w
 
 
+def call_times_ms(call: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Wall times (ms) of `repeats` calls of `call`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, Any]:
     """p50/p95 of one call on a float32 batch of 1 at LR `size` (WxH), host to host, after `warmup` calls."""
     h, w = parse_size(size)
@@ -147,13 +159,7 @@ def latency(runner: Runner, size: str, warmup: int, repeats: int) -> dict[str, A
     if limit is not None and (h > limit[0] or w > limit[1]):
         return {"lr_size": size, "skipped": f"above the plan's profile maximum {limit[1]}x{limit[0]}"}
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    for _ in range(warmup):
-        runner.forward(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.forward(x)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = call_times_ms(lambda: runner.forward(x), warmup, repeats)
     p50, p95 = float(np.percentile(times, 50)), float(np.percentile(times, 95))
     result = {"lr_size": size, "p50_ms": p50, "p95_ms": p95, "images_per_s": 1e3 / p50}
     if hasattr(runner, "gpu_times_ms"):  # TensorRT: also the engine alone, between CUDA events
