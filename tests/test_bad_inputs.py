@@ -460,7 +460,7 @@ def test_more_bad_paths_end_in_one_error_line(exported_run, photos, tmp_path, ca
     assert main(["-q", "models", "--scale", "5"]) == 2
     assert "--scale must be one of 2, 3, 4" in _error(capsys)
     assert main(["-q", "teacher", "--run-dir", str(afile / "run")]) == 2  # a file where a folder must be
-    assert "a folder in the path is a file" in _error(capsys)
+    assert f"cannot write the run directory {afile / 'run'}: Not a directory" in _error(capsys)
     assert main(["-q", "upscale", str(photos), "--out", str(exported_run), "--run-dir", str(exported_run)]) == 2
     assert "is a run directory" in _error(capsys)
     assert afile.read_text() == "keep"
