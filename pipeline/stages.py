@@ -534,6 +534,13 @@ SUMMARY_LR = "320x180"  # LR size of the summary's FLOPs and latency
 def summarize(cfg: Config, run: RunDir, teacher: Path, student: Path) -> dict[str, Any]:
     """Teacher against student: parameters, FLOPs, eval-set Y-PSNR (from eval.json) and latency on one backend
     (PyTorch FP32 on this CPU, batch 1); printed and written to `<run>/summary.json`."""
+    config = {"scale": cfg.scale, "lr": SUMMARY_LR}
+    inputs = [teacher, student, run.path(EVAL_JSON)]
+    key = run.stage_key("summary", config, inputs)
+    if run.is_current("summary", key):
+        summary = json.loads(run.path(SUMMARY_JSON).read_text())
+        print(format_summary(summary, f"{cfg.data.eval}, x{cfg.scale}"))
+        return summary
     evals = json.loads(run.path(EVAL_JSON).read_text())
     bicubic = evals[0]["mean"]["psnr_y"]
     rows = {}
@@ -549,9 +556,16 @@ def summarize(cfg: Config, run: RunDir, teacher: Path, student: Path) -> dict[st
     summary = {"backend": f"pytorch-fp32 cpu, LR {SUMMARY_LR}, batch 1, p50 of 3", "bicubic_psnr_y": bicubic, **rows,
                "student_share_of_teacher_gain": (s["psnr_y"] - bicubic) / gain if gain > 0 else None}
     write_json_atomic(run.path(SUMMARY_JSON), summary)
+    run.record("summary", key, config, inputs, [SUMMARY_JSON])
+    print(format_summary(summary, f"{cfg.data.eval}, x{cfg.scale}"))
+    return summary
+
+
+def format_summary(summary: dict[str, Any], data: str) -> str:
+    t, s, bicubic = summary["teacher"], summary["student"], summary["bicubic_psnr_y"]
     share = summary["student_share_of_teacher_gain"]
-    print("\n".join([
-        f"| {cfg.data.eval}, x{cfg.scale} | teacher | student | teacher / student |", "|---|---|---|---|",
+    return "\n".join([
+        f"| {data} | teacher | student | teacher / student |", "|---|---|---|---|",
         f"| parameters | {t['params']:,} | {s['params']:,} | {t['params'] / s['params']:.1f}x |",
         f"| GFLOPs at LR {SUMMARY_LR} | {t['gflops']:.1f} | {s['gflops']:.1f} | {t['gflops'] / s['gflops']:.1f}x |",
         f"| Y-PSNR (dB; bicubic {bicubic:.3f}) | {t['psnr_y']:.3f} | {s['psnr_y']:.3f} | "
@@ -559,8 +573,7 @@ def summarize(cfg: Config, run: RunDir, teacher: Path, student: Path) -> dict[st
         f"| latency, {summary['backend']} | {t['latency_ms']:.0f} ms | {s['latency_ms']:.0f} ms | "
         f"{t['latency_ms'] / s['latency_ms']:.1f}x |",
         "", "the student recovers " + (f"{share:.0%}" if share is not None else "n/a (the teacher does not beat "
-                                       "bicubic)") + " of the teacher's gain over bicubic"]))
-    return summary
+                                       "bicubic)") + " of the teacher's gain over bicubic"])
 
 
 def check_models_of_student(root: Path) -> None:

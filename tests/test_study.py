@@ -172,3 +172,6 @@ def test_summary_compares_teacher_and_student_on_one_backend(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "5.5x" in out and "recovers 60% of the teacher's gain" in out
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    mtime = (tmp_path / "summary.json").stat().st_mtime_ns
+    assert summarize(load_config("tiny"), RunDir(tmp_path), teacher, student) == summary  # up to date: not re-timed
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == mtime and "recovers 60%" in capsys.readouterr().out
