@@ -4,35 +4,40 @@
 # Budget: every student gets the default recipe (600 iterations of 16 patches of 24x24 LR, cosine from 1e-3), the
 # one `pipeline all` uses. Hyperparameters are chosen on the validation split (3 training images held out of every
 # training stage) with 2 seeds, one axis at a time around the defaults; the ablation then runs with 3 seeds on the
-# eval set. Every student is a stage of one run directory: re-running this script skips finished students and
-# continues an interrupted one, so the study may span several sittings.
+# eval set. Every student is a stage of a run directory: re-running a step skips finished students and continues an
+# interrupted one, so the study may span several sittings. The two sweep lanes use separate run directories and one
+# thread each, so they can run side by side on two cores.
 #
-#   bash benchmarks/study_cpu.sh sweep           # 1. the sweeps (validation split), then read runs/study/sweep_*.md
+#   bash benchmarks/study_cpu.sh sweep-facd &        # 1. the sweeps (validation split): facd's axes ...
+#   bash benchmarks/study_cpu.sh sweep-baselines     #    ... and the baselines' weights; read runs/study-*/sweep_*.md
 #   CHOSEN="--set distill.lambda_facd=0.1 ..." bash benchmarks/study_cpu.sh ablate     # 2. the ablation (eval set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/study}
 PIPELINE=${PIPELINE:-.venv/bin/pipeline}
-BASE=(--run-dir "$RUN" --set model.teacher=\"edsr_baseline\" --resume)
-sweep() {  # method, grid
-    "$PIPELINE" sweep "${BASE[@]}" --method "$1" --grid "$2" --seeds 0 1 --name "sweep_$1_${2%%=*}"
+sweep() {  # lane, method, grid
+    OMP_NUM_THREADS=1 "$PIPELINE" sweep --run-dir "$RUN-$1" --resume --method "$2" --grid "$3" --seeds 0 1 \
+        --name "sweep_$2_${3%%=*}"
 }
 case "${1:-}" in
-    sweep)
-        sweep facd distill.lambda_facd=0.03,0.1,0.3
-        sweep facd facd.tau=0.07,0.15,0.5
-        sweep facd distill.gate_margin=0,0.5,1
-        sweep facd distill.gate_fraction=0.25,0.5,1
-        sweep fd distill.lambda_fd=0.3,1,3
-        sweep out distill.lambda_out=0.3,1,3
+    sweep-facd)
+        sweep facd facd distill.lambda_facd=0.03,0.1,0.3
+        sweep facd facd distill.gate_margin=0,0.5,1
+        sweep facd facd facd.tau=0.07,0.15,0.5
+        sweep facd facd distill.gate_fraction=0.25,0.5,1
+        ;;
+    sweep-baselines)
+        sweep baselines fd distill.lambda_fd=0.3,1,3
+        sweep baselines out distill.lambda_out=0.3,1,3
         ;;
     ablate)
         # shellcheck disable=SC2086  # CHOSEN is a list of --set arguments
-        "$PIPELINE" ablate "${BASE[@]}" --methods none out fd facd facd-nogate --seeds 0 1 2 ${CHOSEN:-}
+        "$PIPELINE" ablate --run-dir "$RUN" --resume --methods none out fd facd facd-nogate --seeds 0 1 2 ${CHOSEN:-}
         ;;
     *)
-        echo "usage: $0 sweep | ablate   (see the comment at the top)" >&2
+        echo "usage: $0 sweep-facd | sweep-baselines | ablate   (see the comment at the top)" >&2
         exit 2
         ;;
 esac
+mkdir -p "$RUN"
 lscpu | grep -E "Model name|Flags" > "$RUN/cpu.txt"

@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 
 @dataclass
 class ModelSection:
-    teacher: str = "tiny_teacher"  # a preset of `pipeline models`; where one is shipped for the scale, it is used
+    teacher: str = "edsr_baseline"  # a preset of `pipeline models`; where one is shipped for the scale, it is used
     student: str = "tiny_student"
     # The student's shape, overriding the preset's (0 = the preset's); `pipeline all --budget-ms` sets them.
     student_blocks: int = 0

@@ -27,31 +27,42 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_all_trains_evaluates_gates_and_then_skips(tmp_path, capsys):
+def test_all_distils_from_the_shipped_teacher_evaluates_gates_and_then_skips(tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["-q", "all", "--run-dir", str(run), *TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"])
+    args = [*TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"]
+    code = main(["-q", "all", "--run-dir", str(run), *args])
     results = json.loads((run / "eval.json").read_text())
     bicubic, teacher, student = results
     assert bicubic["model"] == "bicubic" and len(bicubic["rows"]) == 7
     assert bicubic["mean"]["psnr_y"] == pytest.approx(27.811, abs=0.01)  # the protocol's x4 bicubic figure
-    assert teacher["model"] == "teacher (teacher.pt)" and student["model"] == "student (student.pt)"
+    assert teacher["model"] == "teacher (edsr_baseline_x4.pt)" and student["model"] == "student (student.pt)"
     # The gate: exit 0 exactly when teacher and student both beat bicubic on mean Y-PSNR, 1 otherwise.
     beat = min(teacher["mean"]["psnr_y"], student["mean"]["psnr_y"]) > bicubic["mean"]["psnr_y"]
     assert code == (0 if beat else 1)
+    assert not (run / "teacher.pt").exists()
 
     manifest = json.loads((run / "manifest.json").read_text())
-    for name in ("teacher.pt", "student.pt", "eval.json", "eval.md", "teacher/log.jsonl", "student/log.jsonl"):
+    for name in ("student.pt", "eval.json", "eval.md", "student/log.jsonl"):
         art = manifest["artifacts"][name]
         assert art["size"] == (run / name).stat().st_size and len(art["sha256"]) == 64
         assert "torch" in art["versions"]
-    log = [json.loads(line) for line in (run / "teacher" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "student" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log if "loss" in r] == list(range(2, 41, 2))
 
-    mtime = (run / "teacher.pt").stat().st_mtime_ns
+    mtime = (run / "student.pt").stat().st_mtime_ns
     capsys.readouterr()
-    main(["all", "--run-dir", str(run), *TINY, "--set", "train.iters=40", "--set", "train.ckpt_every=20"])
-    assert (run / "teacher.pt").stat().st_mtime_ns == mtime  # skipped, not redone
+    main(["all", "--run-dir", str(run), *args])
+    assert (run / "student.pt").stat().st_mtime_ns == mtime  # skipped, not redone
     assert "up to date" in (run / "run.log").read_text()
+
+
+def test_all_trains_a_teacher_where_none_is_shipped(tmp_path):
+    run = tmp_path / "run"
+    main(["-q", "all", "--run-dir", str(run), *TINY, "--set", "train.iters=20", "--set", "model.teacher=tiny_teacher"])
+    assert json.loads((run / "eval.json").read_text())[1]["model"] == "teacher (teacher.pt)"
+    log = [json.loads(line) for line in (run / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == list(range(2, 21, 2))
+    assert "no tiny_teacher teacher is shipped for x4; training one" in (run / "run.log").read_text()
 
 
 def test_resume_after_kill_gives_the_same_weights(tmp_path):

@@ -9,7 +9,7 @@ from pipeline.errors import UserError
 def test_defaults_are_the_tiny_preset():
     cfg = load_config()
     assert cfg.name == "tiny" and cfg.scale == 4
-    assert cfg.model.teacher == "tiny_teacher" and cfg.data.eval == "embedded"
+    assert cfg.model.teacher == "edsr_baseline" and cfg.data.eval == "embedded"
 
 
 def test_paper_presets_use_the_paper_models_and_patches():
