@@ -2,13 +2,14 @@
 
 Every candidate shape of the student preset (`budget.blocks` x `budget.channels`) is built with random weights,
 exported with the export of a trained student and put through the precision recipe of the target (FP32; FP16;
-INT8 calibrated on real LR crops with the quantizer of that runtime, every Conv INT8), then timed on one frame
+INT8 calibrated on real LR crops with the quantizer of that runtime, every Conv INT8 but `budget.float_convs`),
+then timed on one frame
 (`budget.frame`, the LR input frame / scale) through the runner `pipeline upscale` would use, with its tiling: uint8
 in, uint8 out, p50 / p95 over `budget.repeats` calls after `budget.warmup`. The table is `latency.json`.
 
 The choice for a budget: of the candidates whose p95 is at most (1 - `budget.margin`) x budget, the one with the
 most parameters (ties: the most FLOPs). The margin absorbs run-to-run noise and what random weights cannot show
-(which Convs the trained student's INT8 sensitivity step keeps in float).
+(which further Convs the trained student's INT8 sensitivity step keeps in float).
 
 A device that cannot train gets a probe folder (`pipeline budget --bundle DIR`): the candidate ONNX files, this
 package's torch-free runtime and a Makefile whose `make probe` runs `python -m pipeline.budget probe`, which times
@@ -110,7 +111,7 @@ def make_probe(cfg: Any, folder: Path, kinds: list[str], progress: bool = True) 
                                         q.calib_seed)
         calib = data["lr"][~data["holdout"]]
     jobs = [(cfg.model.student, cfg.scale, c, kinds, folder, cfg.export.simplify, calib, q.method, q.percentile,
-             lr_hw) for c in candidates(cfg)]
+             b.float_convs, lr_hw) for c in candidates(cfg)]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     workers = max(1, min(2, os.cpu_count() or 1, len(jobs)))
@@ -134,7 +135,8 @@ def _recipe(cfg: Any, kinds: list[str]) -> str:
     if any(k.startswith("int8") for k in kinds):
         q = cfg.quant
         parts.append(f"INT8 calibrated on {q.calib_count - q.calib_holdout} LR crops of {q.calib_crop} px from "
-                     f"{cfg.data.train} ({q.method}, {q.percentile}), every Conv INT8 (no sensitivity step)")
+                     f"{cfg.data.train} ({q.method}, {q.percentile}), every Conv INT8 but "
+                     f"{', '.join(cfg.budget.float_convs) or 'none'} (no sensitivity step)")
     return "; ".join(parts)
 
 
@@ -146,7 +148,7 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
     from models import count_flops, count_params, create_model
     from pipeline import export, quantize
 
-    preset, scale, cand, kinds, folder, simplify, calib, method, percentile, lr_hw = job
+    preset, scale, cand, kinds, folder, simplify, calib, method, percentile, float_convs, lr_hw = job
     logging.getLogger().addHandler(logging.NullHandler())  # ONNX Runtime's quantizer advises through the root logger
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -160,6 +162,11 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
         export.export_fp32(model, fp32, export.model_meta(model, RANDOM_WEIGHTS, ""), simplify)
         fp32_proto = onnx.load(str(fp32))
         names = [n.name for n in export.conv_nodes(fp32_proto)]
+        unknown = sorted(set(float_convs) - set(names))
+        if unknown:
+            raise UserError(f"budget.float_convs names {', '.join(unknown)}, not Convs of candidate {cand['name']} "
+                            f"(its Convs: {', '.join(names)})")
+        int8_convs = [n for n in names if n not in float_convs]
         if "fp32" in kinds:
             protos["fp32"] = fp32_proto
         if "fp16" in kinds or "int8" in kinds:
@@ -168,9 +175,9 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
                 protos["fp16"] = fp16
             if "int8" in kinds:
                 protos["int8"] = quantize.quantize(fp16, quantize.activation_amax(fp32, calib, method, percentile),
-                                                   names)
+                                                   int8_convs)
         if "int8-cpu" in kinds:
-            protos["int8-cpu"] = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))(set(names))
+            protos["int8-cpu"] = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))(set(int8_convs))
     files = {}
     for kind, proto in protos.items():
         files[kind] = f"{cand['name']}.{kind}.onnx"

@@ -139,6 +139,9 @@ class BudgetSection:
     margin: float = 0.1  # a candidate fits when its p95 is at most (1 - margin) x budget_ms
     blocks: list[int] = field(default_factory=lambda: [1, 3, 6, 12])  # EDSR residual blocks of the candidates
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # x these widths: every combination
+    # Convs the candidates' INT8 models keep in float: the first and last Conv, which the sensitivity step of
+    # `pipeline quantize` kept in float in every trained student measured (README); the others are INT8.
+    float_convs: list[str] = field(default_factory=lambda: ["head", "last"])
     warmup: int = 1
     repeats: int = 10
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -144,6 +145,11 @@ def test_the_probe_folder_times_its_candidates_without_torch(tmp_path):
     assert main(["-q", "budget", "--bundle", str(folder), *SMALL_GRID]) == 0
     probe = json.loads((folder / "probe.json").read_text())
     assert {k for c in probe["candidates"] for k in c["files"]} == {"int8", "int8-cpu"}
+    for kind in ("int8", "int8-cpu"):  # every Conv INT8 but budget.float_convs, as the trained students keep them
+        proto = onnx.load(str(folder / probe["candidates"][0]["files"][kind]))
+        made_by = {out: node.op_type for node in proto.graph.node for out in node.output}
+        weight_from = {n.name: made_by.get(n.input[1], "initializer") for n in proto.graph.node if n.op_type == "Conv"}
+        assert {n for n, src in weight_from.items() if src != "DequantizeLinear"} == {"head", "last"}, weight_from
     assert main(["-q", "budget", "--bundle", str(folder), *SMALL_GRID]) == 2  # an existing folder is kept
 
     blocker = tmp_path / "no_torch" / "torch"
