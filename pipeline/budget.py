@@ -3,9 +3,9 @@
 Every candidate shape of the student preset (`budget.blocks` x `budget.channels`) is built with random weights,
 exported with the export of a trained student and put through the precision recipe of the target (FP32; FP16;
 INT8 calibrated on real LR crops with the quantizer of that runtime, every Conv INT8 but `budget.float_convs`),
-then timed on one frame
-(`budget.frame`, the LR input frame / scale) through the runner `pipeline upscale` would use, with its tiling: uint8
-in, uint8 out, p50 / p95 over `budget.repeats` calls after `budget.warmup`. The table is `latency.json`.
+then timed on one frame (`budget.frame`, the LR input frame / scale) through the runner `pipeline upscale` would
+use, with its tiling: uint8 in, uint8 out, p50 / p95 over `budget.repeats` calls after `budget.warmup`. The table
+is `latency.json`.
 
 The choice for a budget: of the candidates whose p95 is at most (1 - `budget.margin`) x budget, the one with the
 most parameters (ties: the most FLOPs). The margin absorbs run-to-run noise and what random weights cannot show
@@ -177,7 +177,8 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
                 protos["int8"] = quantize.quantize(fp16, quantize.activation_amax(fp32, calib, method, percentile),
                                                    int8_convs)
         if "int8-cpu" in kinds:
-            protos["int8-cpu"] = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))(set(int8_convs))
+            quantized = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))
+            protos["int8-cpu"] = quantized(set(int8_convs))
     files = {}
     for kind, proto in protos.items():
         files[kind] = f"{cand['name']}.{kind}.onnx"

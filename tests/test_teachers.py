@@ -47,7 +47,8 @@ def test_missing_or_altered_file_is_one_clear_error_naming_it(shipped):
 def test_distill_uses_the_shipped_teacher_unless_the_run_has_its_own(shipped, tmp_path, capsys):
     run = tmp_path / "run"
     small = [x for kv in ["train.batch=4", "train.lr_patch=12", "train.eval_every=0", "train.iters=1",
-                          "train.ckpt_every=1", 'distill.method="out"', "model.teacher=tiny_teacher"] for x in ("--set", kv)]
+                          "train.ckpt_every=1", 'distill.method="out"', "model.teacher=tiny_teacher"]
+             for x in ("--set", kv)]
     assert main(["distill", "--run-dir", str(run), *small]) == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert sha256_file(shipped) in manifest["artifacts"]["student.pt"]["inputs"].values()
