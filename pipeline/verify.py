@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import sys
 import threading
 import time
@@ -200,17 +199,16 @@ def _rss_mb() -> float | None:
 
 
 def machine() -> dict[str, Any]:
+    """The budget's machine record (CPU model, ISA flags, cores, platform), plus the GPU and OpenVINO's state."""
+    from pipeline import budget
     from pipeline.backends.openvino_runner import openvino_status
-    from pipeline.doctor import cpu_info
 
     gpu = None
     if "torch" in sys.modules:
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    cpu = cpu_info()
-    return {"cpu": cpu["model"], "cores": cpu["cores"], "cpu_flags": cpu["flags"], "platform": platform.platform(),
-            "gpu": gpu, "openvino": openvino_status()[1]}
+    return {**budget.machine(), "gpu": gpu, "openvino": openvino_status()[1]}
 
 
 def failing(report: dict[str, Any]) -> list[str]:
