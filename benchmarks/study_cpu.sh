@@ -21,14 +21,12 @@ sweep() {  # lane, method, grid
 }
 case "${1:-}" in
     sweep-facd)
-        sweep facd facd distill.lambda_facd=0.03,0.1,0.3
-        sweep facd facd distill.gate_margin=0,0.5,1
-        sweep facd facd facd.tau=0.07,0.15,0.5
-        sweep facd facd distill.gate_fraction=0.25,0.5,1
+        sweep facd facd distill.lambda_facd=0.03,0.1
         ;;
     sweep-baselines)
         sweep baselines fd distill.lambda_fd=0.3,1,3
         sweep baselines out distill.lambda_out=0.3,1,3
+        sweep baselines facd distill.lambda_facd=0.3  # the lane that ends first takes facd's third point
         ;;
     ablate)
         # shellcheck disable=SC2086  # CHOSEN is a list of --set arguments

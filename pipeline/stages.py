@@ -235,7 +235,7 @@ def stage_ablate(cfg: Config, run: RunDir, teacher: Path, methods: list[str], se
     title = (f"Ablation on {cfg.data.eval} (eval set), x{cfg.scale}, {cfg.model.student} from {teacher.name}, "
              f"{cfg.train.iters} iterations per student")
     return _study(cfg, run, teacher, variants, seeds, "ablate", ABLATION, title, None, resume=resume, force=force,
-                  progress=progress)
+                  progress=progress, target=cfg.distill.method)
 
 
 def parse_grid(grid: list[str]) -> dict[str, list[str]]:
@@ -271,7 +271,8 @@ def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds:
 
 
 def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config], seeds: list[int], folder: str,
-           stem: str, title: str, data: PairFolder | None, *, resume: bool, force: bool, progress: bool) -> Path:
+           stem: str, title: str, data: PairFolder | None, *, resume: bool, force: bool, progress: bool,
+           target: str | None = None) -> Path:
     if not seeds:
         raise UserError("give at least one seed (--seeds 0 1 2)")
     if len(seeds) < 2:
@@ -300,11 +301,13 @@ def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config],
         for key in ("train_gate_rate", "val_gate_rate", "val_advantage_db"):
             if all(key in st for st in stats):
                 row[key] = float(np.mean([st[key] for st in stats]))
+    pairs = study.contrasts(psnr, target) if target in psnr and target != study.BASELINE else []
     fixed = [("bicubic", results[0]["mean"]["psnr_y"]), (f"teacher ({teacher.name})", results[1]["mean"]["psnr_y"])]
     write_json_atomic(run.path(f"{stem}.json"), {"title": title, "config": cfg.to_dict(), "seeds": seeds,
                                                  "variants": {n: v.to_dict() for n, v in variants.items()},
-                                                 "fixed": dict(fixed), "rows": rows, "results": results})
-    table = study.format_study(title, rows, fixed, seeds)
+                                                 "fixed": dict(fixed), "rows": rows, "pairs": pairs,
+                                                 "results": results})
+    table = study.format_study(title, rows, fixed, seeds, pairs=pairs)
     write_text_atomic(run.path(f"{stem}.md"), table)
     with atomic_path(run.path(f"{stem}.png")) as tmp:
         study.plot_study(tmp, rows, title.split(",")[0])

@@ -58,6 +58,17 @@ def compare(psnr: dict[str, np.ndarray], baseline: str = BASELINE) -> list[dict[
     return rows
 
 
+def contrasts(psnr: dict[str, np.ndarray], target: str, baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """`target` against every other variant but the baseline, paired as in `compare`: one row per other variant."""
+    rows = []
+    for other in psnr:
+        if other in (target, baseline):
+            continue
+        row = compare({other: psnr[other], target: psnr[target]}, baseline=other)[1]
+        rows.append({**row, "variant": target, "against": other})
+    return rows
+
+
 def gate_stats(log_path: Path) -> dict[str, float]:
     """From a distillation log: the mean gate rate over the training patches and the last validation probe."""
     if not log_path.exists():
@@ -72,8 +83,9 @@ def gate_stats(log_path: Path) -> dict[str, float]:
 
 
 def format_study(title: str, rows: list[dict[str, Any]], fixed: list[tuple[str, float]], seeds: list[int],
-                 baseline: str = BASELINE) -> str:
-    """Markdown: the fixed rows (bicubic, teacher), then one row per variant with its difference to the baseline."""
+                 baseline: str = BASELINE, pairs: list[dict[str, Any]] | None = None) -> str:
+    """Markdown: the fixed rows (bicubic, teacher), then one row per variant with its difference to the baseline;
+    then, given `pairs` (from `contrasts`), one row per other variant with the target's difference to it."""
     pct = f"{LEVEL:.0%}"
     lines = [title, "",
              f"| model | mean Y-PSNR (dB) | minus `{baseline}` (dB) | {pct} interval | verdict | gate rate, train | "
@@ -87,6 +99,11 @@ def format_study(title: str, rows: list[dict[str, Any]], fixed: list[tuple[str, 
         advantage = f"{r['val_advantage_db']:+.3f}" if "val_advantage_db" in r else ""
         lines.append(f"| {r['variant']} | {r['psnr_y']:.3f} | {diff} | {interval} | {r.get('verdict', '')} | "
                      f"{gates[0]} | {gates[1]} | {advantage} |")
+    if pairs:
+        lines += ["", f"| comparison | difference (dB) | {pct} interval | verdict |", "|---|---|---|---|"]
+        lines += [f"| {p['variant']} minus {p['against']} | {p['diff']:+.3f} | "
+                  + (f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p['verdict']} |" if "ci_low" in p else " | |")
+                  for p in pairs]
     if len(seeds) < 2:
         lines += ["", "One seed: no interval can be given (the interval resamples seeds; run at least 2)."]
     else:

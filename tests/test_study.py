@@ -57,6 +57,20 @@ def test_compare_pairs_each_seed_and_image_with_the_baseline():
     assert rows[0]["psnr_y_per_seed"] == pytest.approx([base[0].mean(), base[1].mean()])
 
 
+def test_contrasts_pair_the_target_with_every_other_method_but_none():
+    base = np.array([[28.0, 30.0, 25.0], [28.2, 30.1, 25.3]])
+    fd = base + np.array([[0.1, 0.0, 0.2], [0.0, 0.1, 0.3]])
+    facd = fd + np.array([[0.1], [-0.3]])  # better than fd in seed 0, worse in seed 1
+    pairs = study.contrasts({"none": base, "fd": fd, "facd": facd, "out": base + 1.0}, "facd")
+    assert [(p["variant"], p["against"]) for p in pairs] == [("facd", "fd"), ("facd", "out")]
+    by_hand = study.bootstrap_interval(facd - fd)
+    assert by_hand == pytest.approx((-0.3, 0.1))  # seeds resampled: all of seed 1, all of seed 0
+    assert pairs[0]["diff"] == pytest.approx(-0.1) and (pairs[0]["ci_low"], pairs[0]["ci_high"]) == by_hand
+    assert pairs[0]["verdict"] == "indistinguishable" and pairs[1]["verdict"] == "worse"
+    table = study.format_study("t", study.compare({"none": base, "facd": facd}), [], [0, 1], pairs=pairs)
+    assert "| facd minus fd | -0.100 | [-0.300, +0.100] | indistinguishable |" in table
+
+
 def test_methods_of_one_seed_start_from_the_same_weights_and_batches(tmp_path, monkeypatch):
     torch.manual_seed(0)
     teacher = create_model("tiny_teacher", scale=4).eval().requires_grad_(False)
