@@ -62,9 +62,10 @@ METHODS = ("none", "out", "fd", "facd", "facd-nogate")  # distillation methods, 
 class DistillSection:
     method: Literal[METHODS] = "facd"
     taps: int = 3  # J evenly spaced body blocks of student and teacher, matched by relative depth
-    lambda_out: float = 1.0  # output distillation L1(SR_S, SR_T)
-    lambda_fd: float = 1.0  # feature distillation L1(adapted student features, teacher features) / 255
-    lambda_facd: float = 0.1  # the contrastive term
+    # The weights are what the study chose on the validation split (README, "The distillation study").
+    lambda_out: float = 3.0  # output distillation L1(SR_S, SR_T)
+    lambda_fd: float = 3.0  # feature distillation L1(adapted student features, teacher features) / 255
+    lambda_facd: float = 0.3  # the contrastive term
     # The gate (facd): distil a patch only where PSNR(SR_T) > PSNR(SR_S) + gate_margin (dB), and only the
     # gate_fraction of the batch's patches where the teacher's advantage is largest (1.0: every patch that passes).
     gate_margin: float = 0.0
