@@ -4,14 +4,16 @@
 # Budget: every student gets the default recipe (600 iterations of 16 patches of 24x24 LR, cosine from 1e-3), the
 # one `pipeline all` uses. Hyperparameters are chosen on the validation split (3 training images held out of every
 # training stage) with 2 seeds, one axis at a time around the former defaults; the ablation then runs with 3 seeds
-# on the eval set. Every student is a stage of a run directory: re-running a step skips finished students and continues an
-# interrupted one, so the study may span several sittings. The two sweep lanes use separate run directories and one
-# thread each, so they run side by side on two cores (on a 2-core AMD EPYC: about 11 min per facd student, 7 per
-# fd or out student, 1 per none student; the sweeps took 70 min, the ablation about an hour on both cores).
-# Within that budget facd.tau and distill.gate_margin were not swept (they keep 0.15 and 0 dB), and the gate is
-# swept at one other point (distill.gate_fraction=0.5: distil the half of each batch where the teacher helps most).
+# on the eval set. Every student is a stage of a run directory: re-running a step skips finished students and
+# continues an interrupted one, so the study may span several sittings. The two sweep lanes use separate run
+# directories and one thread each, so they run side by side on two cores (on a 2-core AMD EPYC: about 11 min per
+# facd student, 7 per fd or out student, 1 per none student; the sweeps took 3.4 core-hours, the ablation 42 min on
+# both cores).
+# Within that budget distill.gate_margin was not swept (it keeps 0 dB), facd.tau only at 0.07 (it keeps 0.15; that
+# point ran after the ablation), and the gate at one other point (distill.gate_fraction=0.5: distil the half of
+# each batch where the teacher helps most).
 # The default gate (margin 0 dB) passed every training patch in every facd student of the sweeps, so facd-nogate
-# would train the same model as facd: the ablation leaves it out.
+# computes the same loss as facd: the ablation leaves it out.
 #
 #   bash benchmarks/study_cpu.sh sweep-facd &        # 1. the sweeps (validation split): facd's weight and gate ...
 #   bash benchmarks/study_cpu.sh sweep-baselines     #    ... and the baselines' weights; read runs/study-*/sweep_*.md
@@ -32,6 +34,7 @@ case "${1:-}" in
     sweep-facd)
         sweep facd facd distill.lambda_facd=0.03,0.1
         sweep facd facd distill.gate_fraction=0.5
+        sweep facd facd facd.tau=0.07
         ;;
     sweep-baselines)
         sweep baselines fd distill.lambda_fd=0.3,1,3
