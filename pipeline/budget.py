@@ -177,8 +177,8 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
                 protos["int8"] = quantize.quantize(fp16, quantize.activation_amax(fp32, calib, method, percentile),
                                                    int8_convs)
         if "int8-cpu" in kinds:
-            quantized = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))
-            protos["int8-cpu"] = quantized(set(int8_convs))
+            quantizer = quantize.cpu_twin_quantizer(fp32, calib, method, percentile, Path(tmp))
+            protos["int8-cpu"] = quantizer(set(int8_convs))
     files = {}
     for kind, proto in protos.items():
         files[kind] = f"{cand['name']}.{kind}.onnx"
