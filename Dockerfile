@@ -115,4 +115,4 @@ CMD ["--help"]
 # --- end of the shared steps ---
 # Healthy while cuda-python reaches a usable GPU (`pipeline doctor` explains what is missing; it always exits 0).
 HEALTHCHECK --interval=5m --timeout=30s --start-period=30s --retries=2 \
-    CMD ["/opt/venv/bin/python", "-c", "import sys; from pipeline.engine import cuda_probe; ok, why = cuda_probe(); print(why or 'CUDA device ok'); sys.exit(0 if ok else 1)"]
+    CMD ["/opt/venv/bin/python", "-c", "import sys; from pipeline.backends.trt_engine import cuda_probe; ok, why = cuda_probe(); print(why or 'CUDA device ok'); sys.exit(0 if ok else 1)"]

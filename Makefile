@@ -31,7 +31,7 @@ verify: install
 	$(BIN)/pipeline verify $(if $(REQUIRE),--require $(REQUIRE)) $(ARGS)
 
 bench: install
-	$(BIN)/python -m pipeline.bench --out bench.json
+	$(BIN)/python benchmarks/bench.py --out bench.json
 
 # The cpu image, built and used as the README says (PASS/FAIL per check, image size, build and run times; .ci/docker-test
 # says how). DOCKER_TEST_ARGS=--from-debian: as root, bring up the engine and a stand-in base from Debian packages.

@@ -9,7 +9,8 @@ three budgets meets its budget and uses at least 80 % of it (ONNX Runtime CPU, I
 the candidates' range: the p95 of the candidates at a quarter, half and three quarters of the list sorted by p95,
 divided by 0.85 (so the candidate sits in the middle of the window [0.8, 0.9] x budget that the 10 % margin and the
 80 % target leave) and rounded to 1 ms. Every `pipeline all` distils from the default teacher (the shipped one).
-`gate` measures each trained student as `pipeline verify` does (pipeline.budget.latency_gate) and writes the JSON.
+`gate` measures each trained student as `pipeline verify` does (pipeline.deploy.budget.latency_gate) and writes
+the JSON.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import time
 from pathlib import Path
 
 from models import load_checkpoint
-from pipeline import budget
-from pipeline.rundir import versions, write_json_atomic
+from pipeline.deploy import budget
+from pipeline.rundir import BUDGET_JSON, LATENCY_JSON, versions, write_json_atomic
 
 FRAME, BACKEND, PRECISION = "1280x720", "onnxruntime", "int8"
 FAST_VERIFY = ["--set", 'verify.latency_sizes=["320x180"]', "--set", "verify.repeats=3"]
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--only", type=float, nargs="+", help="train only these of the three budgets (ms)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/budget_cpu.json"))
     args = parser.parse_args()
-    table_path = args.work / "budget" / budget.LATENCY_JSON
+    table_path = args.work / "budget" / LATENCY_JSON
     if args.phase == "table":
         load = os.getloadavg()
         start = time.perf_counter()
@@ -81,7 +82,7 @@ def main() -> None:
         checkpoint = load_checkpoint(run / "student.pt")
         config = checkpoint["config"]
         gate = budget.latency_gate(run, checkpoint)
-        choice = json.loads((run / "budget" / budget.BUDGET_JSON).read_text())["choice"]
+        choice = json.loads((run / "budget" / BUDGET_JSON).read_text())["choice"]
         evals = json.loads((run / "eval.json").read_text())
         report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
         int8 = next((r for r in report.get("rows", []) if r["backend"] == "onnxruntime-cpu"

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from models import create_model
-from pipeline.doctor import cpu_info
+from pipeline.machine import cpu_info
 from pipeline.config import METHODS, load_config
-from pipeline.distill import make_loss
-from pipeline.losses import Adaptors, tap_indices
+from pipeline.training.distill import make_loss
+from pipeline.training.losses import Adaptors, tap_indices
 from pipeline.rundir import versions, write_json_atomic
-from pipeline.train import Trainee, batch_generator, load_train_patches
+from pipeline.training.train import Trainee, batch_generator, load_train_patches
 
 
 def step_times(warmup: int, timed: int) -> dict[str, dict[str, float]]:

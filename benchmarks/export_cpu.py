@@ -42,8 +42,8 @@ from pipeline.backends.ort_runner import OrtRunner
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import load_config, parse_size
 from pipeline.data.datasets import PairFolder
-from pipeline.doctor import CPU_FLAGS, cpu_info, int8_dot_product
-from pipeline.evaluate import evaluate, mean_row
+from pipeline.machine import CPU_FLAGS, cpu_info, int8_dot_product
+from pipeline.evaluation.evaluate import evaluate, mean_row
 from pipeline.modelio import load_model
 from pipeline.rundir import RunDir, versions, write_json_atomic, write_text_atomic
 

@@ -17,9 +17,9 @@ Implementations (``impl=``): ``naive`` (materialised N x M logits, autograd; the
 forward pass because the teacher is frozen), ``cuda`` (the fused kernel), ``auto`` (kernel for CUDA tensors when
 usable, chunked otherwise). Modules:
 
-* ``kernels.contrastive``: ``contrastive_loss``, input validation, ``naive_loss``, ``chunked_loss``, ``cuda_loss``,
-  and ``RowGradLoss``, the autograd Function shared by chunked and CUDA paths (an "engine" returns per-row losses and
-  dL/dq in one pass; backward = scale + normalisation backward; double backward raises).
+* ``kernels.contrastive``: ``contrastive_loss``, input validation, ``naive_loss``, ``chunked_loss``, ``cuda_loss``.
+* ``kernels.rowgrad``: ``RowGradLoss``, the autograd Function shared by the chunked and CUDA paths (an "engine"
+  returns per-row losses and dL/dq in one pass; backward = scale + normalisation backward; double backward raises).
 * ``kernels.emulate``: the kernel's tiled algorithm in PyTorch (``tiled_softmax``), used by the chunked path and, with
   operands rounded to fp16/bf16 and the kernel's tiles and splits, as ``emulate_kernel`` for tolerance tests on CPU.
 * ``kernels.contrastive.cu``: the CUDA kernel. One pass over column tiles per block of rows (mma.sync m16n8k16,
@@ -39,7 +39,7 @@ usable, chunked otherwise). Modules:
   engine used by ``cuda_loss``.
 * ``kernels.bench``: ``python -m kernels.bench --out DIR`` times naive, chunked, SDPA (V = K), cuBLAS Q K^T and the
   kernel on a GPU and writes JSON plus a memory plot.
-* ``kernels.tune``: ``python -m kernels.tune --out DIR`` (benchmarks/kernel_tune.sh) builds variants of the
+* ``benchmarks/kernel_tune.py`` (outside the package, run by benchmarks/kernel_tune.sh) builds variants of the
   FACD_TILES rows, gates them on correctness and times them on a GPU; it prints the row to paste for the winner.
 
 This package imports nothing from ``pipeline`` or ``models``.

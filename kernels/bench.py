@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from kernels import contrastive_loss, cuda
 from kernels.build import library_path
-from kernels.contrastive import EPS, RowGradLoss
+from kernels.rowgrad import EPS, RowGradLoss
 from kernels.emulate import kernel_tile, rows_loss_and_grad
 
 TAU = 0.07

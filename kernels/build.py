@@ -11,7 +11,8 @@ architecture with ``-Xptxas -v`` and returns the register-spill bytes and warnin
 The tile sizes live in one place, the ``FACD_TILES`` table of the .cu file; ``tile_table()`` parses it so that the
 PyTorch emulation (``kernels.emulate``) and the split heuristic use exactly the compiled configurations.
 
-Environment overrides (used by the tuning experiment, ``kernels.tune``): ``FACD_KERNEL_SOURCE`` (another .cu file
+Environment overrides (used by the tuning experiment, benchmarks/kernel_tune.py): ``FACD_KERNEL_SOURCE`` (another
+.cu file
 with the same entry points, e.g. a copy with a different FACD_TILES table) and ``FACD_KERNEL_ARCHS`` (comma- or
 space-separated, e.g. ``sm_90``: build only for the local GPU).
 """

@@ -39,7 +39,7 @@
 //   STAGES  K tiles in flight in shared memory (2 = double buffering)
 //   LAZY    0: exact online max; > 0: raise the running max (and rescale O) only when a tile exceeds it by > LAZY
 // kernels/build.py parses these lines (the PyTorch emulation and the split heuristic use the same tiles), so keep
-// the format. benchmarks/kernel_tune.sh (kernels/tune.py) times alternatives for a row on a GPU.
+// the format. benchmarks/kernel_tune.sh (benchmarks/kernel_tune.py) times alternatives for a row on a GPU.
 #define FACD_TILES(X)                 \
     X(16, 2, 4, 64, 1, 1, 2, 0)       \
     X(32, 2, 4, 64, 1, 1, 2, 0)       \

@@ -19,55 +19,18 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable
 
 import torch
 
 from kernels.emulate import excluded_columns, rows_loss_and_grad, tiled_softmax
+from kernels.rowgrad import EPS, RowGradLoss
 
-EPS = 1e-8  # rows are normalised as x / max(||x||, EPS), as F.cosine_similarity does
 IMPLS = ("auto", "naive", "chunked", "cuda")
-
-# engine(s, inv_norm) -> (weighted per-row losses (N,), dL/dq (N, C')), q = s * inv_norm[:, None]; C' >= C (padding).
-Engine = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """x_i / max(||x_i||, EPS), differentiable (the oracle's normalisation)."""
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(EPS)
-
-
-class RowGradLoss(torch.autograd.Function):
-    """L = sum_i loss_i / N where ``engine`` returns the per-row losses and dL/dq in one forward pass.
-
-    The student enters un-normalised: forward computes the row norms (float32, float64 for float64 inputs), the engine
-    normalises and computes; backward scales the saved dL/dq by the upstream gradient and applies the normalisation
-    backward dL/ds = (dL/dq - q (q . dL/dq)) / ||s|| (dL/dq / EPS where the norm is clamped). Double backward
-    (create_graph=True) raises instead of returning a gradient that silently lacks second-order terms.
-    """
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, engine: Engine) -> torch.Tensor:
-        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(s, dim=1, dtype=acc)
-        loss_rows, grad_q = engine(s, 1.0 / norm.clamp_min(EPS))
-        ctx.save_for_backward(s, norm, grad_q)
-        return loss_rows.sum() / s.shape[0]
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient cannot be given, so refuse
-            raise RuntimeError(
-                "contrastive_loss does not support double backward (create_graph=True): its gradient is computed in "
-                "the forward pass"
-            )
-        s, norm, grad_q = ctx.saved_tensors
-        inv = (1.0 / norm.clamp_min(EPS))[:, None]
-        dq = grad_q[:, : s.shape[1]] * grad_out
-        q = s.to(dq.dtype) * inv
-        proj = (q * dq).sum(dim=1, keepdim=True) * (norm[:, None] > EPS)
-        ds = dq.addcmul_(q, proj, value=-1.0).mul_(inv)
-        return ds.to(s.dtype), None
 
 
 def validate(
@@ -182,7 +145,7 @@ def chunked_loss(s, t, *, tau, pos=None, rows_per_image=None, weight=None, block
 
 def cuda_loss(s, t, *, tau, pos=None, rows_per_image=None, weight=None) -> torch.Tensor:
     """The fused CUDA kernel (fp16/bf16 operands; fp32 inputs use fp16 operands). KernelUnavailable if it can't run."""
-    from kernels import cuda  # (kernels.cuda imports this module)
+    from kernels import cuda
 
     pos = validate(s, t, tau, pos, rows_per_image, weight)
     return cuda.kernel_loss(s, t, pos, tau=tau, rows_per_image=rows_per_image, weight=weight)

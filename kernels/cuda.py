@@ -23,7 +23,7 @@ from functools import cache
 import torch
 
 from kernels.build import KernelUnavailable, Tile, build_kernel, tile_table
-from kernels.contrastive import EPS, Engine, RowGradLoss
+from kernels.rowgrad import EPS, Engine, RowGradLoss
 from kernels.emulate import kernel_tile, split_layout
 
 OPERAND_DTYPES = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16, torch.float32: torch.float16}

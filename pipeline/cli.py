@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import METHODS
+from pipeline.config import DEFAULT_OVERLAP, DEFAULT_TILE, METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
-from pipeline.rundir import MANIFEST, RunDir, check_writable, versions, write_json_atomic
-from pipeline.upscale import DEFAULT_TILE
+from pipeline.rundir import (BUDGET_DIR, BUDGET_JSON, LATENCY_JSON, MANIFEST, ONNX, STUDENT, RunDir, check_writable,
+                             versions, write_json_atomic)
 
 log = logging.getLogger("pipeline")
 
@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=DEFAULT_TILE,
                    help=f"LR tile side: larger images are processed in overlapping tiles (default {DEFAULT_TILE}; "
                         "0 = whole images, unless a TensorRT profile is smaller)")
-    p.add_argument("--overlap", type=int, default=32, help="LR pixels shared by neighbouring tiles (default 32)")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                   help=f"LR pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
     p.add_argument("--batch", type=int, default=1, help="tiles or same-size images per call (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
 
@@ -226,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "budget.png; with --budget-ms, the choice")
     _add_config_args(p)
     _add_budget_args(p)
-    p.add_argument("--out", type=Path, help="where budget.json, budget.png and latency.json go "
-                   "(default: runs/<config name>/budget)")
+    p.add_argument("--out", type=Path, help="where budget.json, budget.png and latency.json go, recorded in its own "
+                   "manifest.json (default: runs/<config name>/budget, recorded in that run, which `all --budget-ms` "
+                   "then reuses)")
     p.add_argument("--bundle", type=Path, metavar="DIR", help="instead: write a torch-free probe folder (candidate "
                    "ONNX models, `make probe`) for a device that cannot train")
-    p.add_argument("--force", action="store_true", help="replace an existing --bundle folder")
+    p.add_argument("--force", action="store_true", help="time again even when the recorded table is up to date; "
+                   "with --bundle, replace an existing probe folder")
 
     p = command("all", "every stage in order: teacher (unless --teacher is given), distill (facd), eval, export, "
                        "quantize, build (where TensorRT runs), verify")
@@ -277,7 +280,7 @@ def _run(args: argparse.Namespace) -> None:
         print(config_mod.to_toml(cfg), end="")
         return
     if args.command == "models":
-        from pipeline.degrade import SCALES
+        from pipeline.data.degrade import SCALES
         from pipeline.modelio import models_table
 
         if args.scale not in SCALES:
@@ -285,13 +288,13 @@ def _run(args: argparse.Namespace) -> None:
         print(models_table(args.scale, config_mod.parse_size(args.lr_size, "--lr-size")))
         return
     if args.command == "degrade":
-        from pipeline.degrade import degrade_folder
+        from pipeline.data.degrade import degrade_folder
 
         written = degrade_folder(args.hr, args.scale, args.out, overwrite=args.overwrite)
         print(f"wrote {len(written)} LR image(s) to {args.out}")
         return
     if args.command == "score":
-        from pipeline.score import format_table, score_folders
+        from pipeline.evaluation.score import format_table, score_folders
 
         _check_json_out(args)
         rows = score_folders(args.sr, args.hr, args.scale)
@@ -366,19 +369,19 @@ def _run_stage(args: argparse.Namespace, cfg: object, run: RunDir, progress: boo
             stages.stage_sweep(cfg, run, teacher, args.grid, args.seeds, name=args.name, resume=args.resume,
                                force=args.force, progress=progress)
     elif args.command == "export":
-        student = args.student or run.path(stages.STUDENT)
+        student = args.student or run.path(STUDENT)
         if not student.exists():
             raise UserError(f"no student at {student}: distil one with `pipeline distill` or pass --student CKPT")
         stages.stage_export(cfg, run, student, force=args.force)
     elif args.command == "quantize":
-        fp32, fp16 = run.path(stages.FP32_ONNX), run.path(stages.FP16_ONNX)
+        fp32, fp16 = run.path(ONNX["fp32"]), run.path(ONNX["fp16"])
         if not (fp32.exists() and fp16.exists()):
             raise UserError(f"no exported models in {run.root}: run `pipeline export` first")
         stages.stage_quantize(cfg, run, fp32, fp16, calib=args.calib, force=args.force, progress=progress)
     elif args.command == "build":
         stages.stage_build(cfg, run, args.precision, force=args.force)
     elif args.command == "bundle":
-        from pipeline.bundle import make_bundle
+        from pipeline.deploy.bundle import make_bundle
 
         print(f"wrote {make_bundle(cfg, run.root, args.out, force=args.force, progress=progress)}")
     elif args.command == "verify":
@@ -397,8 +400,8 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
     from pipeline.backends.base import BicubicRunner
     from pipeline.backends.torch_runner import TorchRunner
     from pipeline.modelio import load_model
-    from pipeline.score import format_table
-    from pipeline.stages import eval_rows
+    from pipeline.evaluation.score import format_table
+    from pipeline.evaluation.evaluate import eval_rows
 
     _check_json_out(args)
     if args.model == "bicubic":
@@ -415,7 +418,7 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
-    from pipeline.upscale import collect_inputs, make_runner, upscale
+    from pipeline.deploy.upscale import collect_inputs, make_runner, upscale
 
     if (args.out / MANIFEST).exists():
         raise UserError(f"--out {args.out} is a run directory: choose another folder, a run's files are never "
@@ -443,28 +446,31 @@ def _check_json_out(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace, cfg: object, progress: bool) -> None:
-    from pipeline import budget
-
+    """A probe folder (--bundle), or the budget stage in `--out` (a run directory of its own) or, by default, in
+    `runs/<config name>/budget` (the folder `pipeline all --budget-ms` reads, so its timing is reused)."""
     b = cfg.budget
     if args.bundle:
+        from pipeline.deploy.budget import make_probe_folder
+
         if b.latency_table or b.budget_ms:
             raise UserError("--bundle writes a probe folder to time on the device; --budget-ms and --latency-table "
                             "come after, with the latency.json it gives")
-        folder = budget.make_probe_folder(cfg, args.bundle, force=args.force, progress=progress)
+        folder = make_probe_folder(cfg, args.bundle, force=args.force, progress=progress)
         print(f"wrote {folder}: on the device run `make -C {folder.name} probe`, then bring "
-              f"{folder.name}/{budget.LATENCY_JSON} back as --latency-table")
+              f"{folder.name}/{LATENCY_JSON} back as --latency-table")
         return
-    out = args.out or Path("runs") / cfg.name / "budget"
-    if b.latency_table:
-        table = budget.load_table(Path(b.latency_table), cfg.scale, b.frame, b.backend, b.precision)
-    else:
-        table = budget.measure(cfg, out, progress)
-    if b.budget_ms:
-        budget.student_for_budget(cfg, table, out)
-    else:
-        budget.write_budget(out, table, 0.0, b.margin, None)
-        print(budget.format_table(table))
-    print(f"wrote {out / budget.BUDGET_JSON}")
+    from pipeline import stages
+    from pipeline.deploy.probe import load_table
+
+    if b.latency_table:  # a table made for another setting is refused before any folder is made
+        load_table(Path(b.latency_table), cfg.scale, b.frame, b.backend, b.precision)
+    run, folder = (RunDir(args.out), "") if args.out else (RunDir(Path("runs") / cfg.name), BUDGET_DIR)
+    run.check_folder()
+    check_writable(run.root)
+    with run.lock("budget"):
+        _setup_logging(args.quiet, run.root)
+        stages.stage_budget(cfg, run, folder=folder, force=args.force, progress=progress)
+    print(f"wrote {run.path(folder) / BUDGET_JSON}")
 
 
 def _write_json(path: Path, data: object) -> None:

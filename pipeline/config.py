@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 from pipeline.errors import UserError
 
+# `pipeline upscale`'s tiling, which the latency budget times too. The tile side bounds memory (an EDSR-baseline
+# pass at 640x360 holds GBs); the overlap is LR pixels shared by neighbouring tiles.
+DEFAULT_TILE, DEFAULT_OVERLAP = 384, 32
+
 
 @dataclass
 class ModelSection:
@@ -55,7 +59,7 @@ class TrainSection:
     channels_last: bool = False  # CUDA only
 
 
-METHODS = ("none", "out", "fd", "facd", "facd-nogate")  # distillation methods, see pipeline/distill.py
+METHODS = ("none", "out", "fd", "facd", "facd-nogate")  # distillation methods, see pipeline/training/distill.py
 
 
 @dataclass
@@ -130,7 +134,8 @@ BACKENDS = ("onnxruntime", "tensorrt")  # runtimes a latency budget is measured 
 
 @dataclass
 class BudgetSection:
-    """A student sized to a latency budget (`pipeline budget`, `pipeline all --budget-ms`); see pipeline/budget.py."""
+    """A student sized to a latency budget (`pipeline budget`, `pipeline all --budget-ms`); see
+    pipeline/deploy/budget.py."""
 
     budget_ms: float = 0.0  # p95 latency of one frame; 0 = no budget (the student is model.student as it is)
     frame: str = "1280x720"  # HR output WxH of one frame; the LR input is frame / scale

@@ -4,33 +4,18 @@ fast CPU INT8).
 
 Every probe fails softly: a missing binary or module, a failing or hanging command (timeout) or an unexpected
 exception becomes a line saying why, never a crash. TensorRT and cuda-python are reached only through
-`pipeline.engine`, which probes the GPU before TensorRT is touched.
+`pipeline.backends.trt_engine`, which probes the GPU before TensorRT is touched.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import platform
 import re
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pipeline import engine
-
-PROBE_TIMEOUT_S = 10
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def _run(cmd: list[str]) -> str | None:
-    """stdout of `cmd`, or None when it is missing, fails or runs past PROBE_TIMEOUT_S."""
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout if result.returncode == 0 else None
+from pipeline.backends import trt_engine as engine
+from pipeline.machine import cpu_info, int8_dot_product, run_command
 
 
 def _soft(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -40,36 +25,9 @@ def _soft(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def cpu_info() -> dict[str, Any]:
-    """CPU model name, core count and the flags that matter here (AVX-512, VNNI, AMX)."""
-    fields = {}
-    for line in (_run(["lscpu"]) or "").splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    cpuinfo = ""
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = fields.get("Model name") or next(iter(re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)), "")
-    flags = set((fields.get("Flags") or next(iter(re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)), "")).split())
-    return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "flags": [f for f in CPU_FLAGS if f in flags]}
-
-
-def int8_dot_product(flags: list[str]) -> str:
-    """How ONNX Runtime's U8S8 kernels multiply on a CPU with these flags: 'amx' (AMX-INT8 tiles) and 'vnni'
-    (VPDPBUSD) accumulate u8 x s8 products exactly in int32; 'vpmaddubsw' (AVX2, AVX-512 without VNNI) first sums
-    each pair of products into a saturating int16, exact only while a pair stays within 32767 (7-bit weights);
-    'unknown' elsewhere (no AVX2, or not x86)."""
-    if "amx_int8" in flags:
-        return "amx"
-    if {"avx512_vnni", "avx_vnni"} & set(flags):
-        return "vnni"
-    return "vpmaddubsw" if "avx2" in flags else "unknown"
-
-
 def _gpu() -> dict[str, Any]:
     query = "--format=csv,noheader"
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", query]) or _run(
+    out = run_command(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", query]) or run_command(
         ["nvidia-smi", "--query-gpu=name,driver_version", query])  # older drivers lack compute_cap
     if out and out.strip():
         lines = out.strip().splitlines()
@@ -141,7 +99,7 @@ def _nvcc() -> dict[str, Any]:
         path = find_nvcc()
     except KernelUnavailable:
         return {"version": None, "reason": "nvcc not found (CUDA_HOME, PATH, /usr/local/cuda/bin)"}
-    release = re.search(r"release ([\d.]+)", _run([path, "--version"]) or "")
+    release = re.search(r"release ([\d.]+)", run_command([path, "--version"]) or "")
     if release is None:
         return {"version": None, "path": path, "reason": f"{path} --version failed"}
     return {"version": release[1], "path": path}

@@ -31,11 +31,19 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'ed by the process writing the run directory; holds its description
 LOCK_WAIT_S = 5.0  # how long a second writer waits for the first before it gives up
 # The artifacts the stages write, by name; every module that opens one takes its name from here.
-STUDENT, CALIB = "student.pt", "calib.npz"
+TEACHER, STUDENT, CALIB = "teacher.pt", "student.pt", "calib.npz"
 ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx",
         "int8": "student.int8.onnx",  # for TensorRT: S8S8 symmetric QDQ, FP16 rest
         "int8-cpu": "student.int8-cpu.onnx"}  # for ONNX Runtime on CPUs: U8S8 QDQ, FP32 rest
 PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+EXPORT_JSON, QUANT_JSON, QUANT_MD = "export.json", "quant.json", "quant.md"
+REPORT_JSON = "report.json"
+REPORT_FILES = ("report.md", "psnr.png", "latency.png", "crops.png")  # beside report.json
+SUMMARY_JSON = "summary.json"
+ABLATION, SWEEP = "ablation", "sweep"  # .json, .md and .png of `ablate` and `sweep`; students in ablate/ and sweep/
+BUDGET_DIR = "budget"  # budget.json, budget.png and (when timed here) latency.json
+LATENCY_JSON, BUDGET_JSON, BUDGET_PNG = "latency.json", "budget.json", "budget.png"
 
 
 def sha256_file(path: Path) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 from models import create_model, save_checkpoint
 from pipeline.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_CALIB = ["--set", "quant.calib_count=12", "--set", "quant.calib_crop=24", "--set", "quant.calib_holdout=4"]
 
 
@@ -22,3 +26,15 @@ def exported_run(tmp_path_factory) -> Path:
     assert main(["-q", "export", "--run-dir", str(root)]) == 0
     assert main(["-q", "quantize", "--run-dir", str(root), *SMALL_CALIB]) == 0
     return root
+
+
+def load_script(relative: str) -> ModuleType:
+    """A maintainer's script outside the package (benchmarks/...), imported by path."""
+    path = ROOT / relative
+    name = path.stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

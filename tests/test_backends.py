@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import create_model
-from pipeline import export
+from pipeline.convert import export
 from pipeline.backends.base import _origins, _ramp
 from pipeline.backends.ort_runner import OrtRunner, provider_status
 from pipeline.backends.torch_runner import TorchRunner

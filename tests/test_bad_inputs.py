@@ -161,7 +161,7 @@ def test_a_second_writer_fails_naming_the_holder(exported_run, tmp_path, capsys,
 def test_an_input_changed_while_a_stage_runs_is_not_recorded(exported_run, tmp_path, capsys, monkeypatch):
     import onnx
 
-    from pipeline import quantize
+    from pipeline.convert import quantize
 
     run = _copy(exported_run, tmp_path)
     stages_before = json.loads((run / "manifest.json").read_text())["stages"]
@@ -438,7 +438,7 @@ def test_score_scale_and_identical_images_in_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("entry", ["../outside.txt", "/etc/hostname", "golden/../../outside.txt", "link.txt"])
 def test_edge_refuses_files_outside_the_bundle(entry, tmp_path, capsys):
-    from pipeline import edge
+    from pipeline.deploy import edge
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()

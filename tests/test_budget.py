@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from models import create_model, load_checkpoint, save_checkpoint
-from pipeline import budget
+from pipeline.deploy import budget
+from pipeline.deploy.probe import LATENCY_FORMAT, load_table
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -35,7 +36,7 @@ def _row(name: str, blocks: int, channels: int, params: int, p95: float) -> dict
 
 
 # A recorded table: latency is not monotone in parameters (b12c8 is deeper and slower than b2c16 with fewer params).
-TABLE = {"format": budget.LATENCY_FORMAT, "scale": 4, "frame": "1280x720", "lr_size": "320x180",
+TABLE = {"format": LATENCY_FORMAT, "scale": 4, "frame": "1280x720", "lr_size": "320x180",
          "backend": "onnxruntime", "runner": "onnxruntime-cpu", "precision": "int8",
          "machine": {"cpu": "recorded CPU", "cpu_flags": ["avx2"], "cores": 2, "platform": "linux"},
          "candidates": [_row("b1c8", 1, 8, 6867, 30.0), _row("b12c8", 12, 8, 21099, 95.0),
@@ -129,7 +130,7 @@ def test_a_bad_frame_size_is_rejected_before_anything_runs(tmp_path, capsys, fra
 def test_timing_here_writes_latency_for_every_candidate_with_the_machine(tmp_path):
     out = tmp_path / "out"
     assert main(["-q", "budget", "--precision", "fp32", "--out", str(out), *SMALL_GRID]) == 0
-    table = budget.load_table(out / "latency.json", 4, "64x48", "onnxruntime", "fp32")
+    table = load_table(out / "latency.json", 4, "64x48", "onnxruntime", "fp32")
     assert [r["name"] for r in table["candidates"]] == ["b1c4", "b1c8"]
     for row in table["candidates"]:
         model = create_model("tiny_student", scale=4, blocks=row["blocks"], channels=row["channels"])
@@ -164,7 +165,7 @@ def test_the_probe_folder_times_its_candidates_without_torch(tmp_path):
     assert check.returncode == 0, check.stderr
     blocked = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True, env=env)
     assert blocked.returncode != 0 and "not available" in blocked.stderr  # the probe really ran without torch
-    table = budget.load_table(folder / "latency.json", 4, "64x48", "onnxruntime", "int8")
+    table = load_table(folder / "latency.json", 4, "64x48", "onnxruntime", "int8")
     assert [r["model"] for r in table["candidates"]] == ["onnxruntime-cpu-int8-cpu"] * 2
     assert main(["budget", "--latency-table", str(folder / "latency.json"), "--frame", "64x48", "--budget-ms",
                  "100000", "--out", str(tmp_path / "o")]) == 0

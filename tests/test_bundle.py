@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import edge
+from pipeline.deploy import edge
 from pipeline.backends.base import Runner
 from pipeline.backends.ort_runner import OrtRunner
-from pipeline.bundle import make_bundle
+from pipeline.deploy.bundle import make_bundle
 from pipeline.config import load_config
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import UserError
@@ -193,7 +193,7 @@ class StandInPlanRunner(Runner):
 
 def test_edge_verify_takes_the_plan_route_when_tensorrt_is_reported_usable(bundle, tmp_path, monkeypatch, capsys):
     import pipeline.backends.trt_runner
-    import pipeline.engine
+    import pipeline.backends.trt_engine
 
     folder = _extract(bundle, tmp_path)
     builds = []
@@ -202,8 +202,8 @@ def test_edge_verify_takes_the_plan_route_when_tensorrt_is_reported_usable(bundl
         builds.append((dict(onnx_by_precision), out_dir, sec.timing_cache, scale))
         return [out_dir / Path(p).with_suffix(".plan").name for p in onnx_by_precision.values()]
 
-    monkeypatch.setattr(pipeline.engine, "trt_status", lambda: (True, "TensorRT 10.3 on Orin"))
-    monkeypatch.setattr(pipeline.engine, "build_engines", build_engines)
+    monkeypatch.setattr(pipeline.backends.trt_engine, "trt_status", lambda: (True, "TensorRT 10.3 on Orin"))
+    monkeypatch.setattr(pipeline.backends.trt_engine, "build_engines", build_engines)
     monkeypatch.setattr(pipeline.backends.trt_runner, "TrtRunner",
                         lambda plan: StandInPlanRunner(folder / plan.name))
     info = json.loads((folder / "bundle.json").read_text())

@@ -15,6 +15,7 @@ import torch
 from kernels import KernelUnavailable, build, contrastive_loss, cuda
 from kernels.contrastive import chunked_loss, logits_loss, naive_loss, normalize_rows
 from kernels.emulate import emulate_kernel, kernel_tile, split_ranges
+from conftest import load_script
 
 F64 = torch.float64
 # Notes' table (N = M = 4096, C = 64, tau = 0.07): loss abs error, gradient max error / max |gradient|.
@@ -362,7 +363,7 @@ def test_source_and_arch_overrides(monkeypatch, tmp_path):
 
 
 def test_tune_variants_are_well_formed(tmp_path, capsys):
-    from kernels import tune
+    tune = load_script("benchmarks/kernel_tune.py")
 
     channels = {c for c, _, _ in tune.VARIANTS.values()}
     assert channels == {64, 256} and all(f"c{c}-base" in tune.VARIANTS for c in channels)  # each C's control
@@ -383,7 +384,7 @@ def test_tune_variants_are_well_formed(tmp_path, capsys):
 
 def test_tune_summary_of_synthetic_results():
     """The experiment's report writer (runs on the GPU machine at the end; must not fail on partial results)."""
-    from kernels import tune
+    tune = load_script("benchmarks/kernel_tune.py")
 
     def variant(name, ms, ok=True, local=0):
         c, tile, note = tune.VARIANTS[name]
@@ -444,12 +445,12 @@ for name in args:
 
 
 def test_tune_scheduler_survives_crashes_and_hangs(tmp_path, monkeypatch):
-    from kernels import tune
+    tune = load_script("benchmarks/kernel_tune.py")
 
     fake = tmp_path / "fake_worker.py"
     monkeypatch.setattr(tune, "WORKER_PYTHON", str(fake))
     monkeypatch.setattr(tune, "build_all", lambda names, archs, root: {n: {"source": f"{n}.cu"} for n in names})
-    fake.write_text("#!" + sys.executable + "\n" + FAKE_WORKER)  # (run as a script: "-m kernels.tune" is ignored)
+    fake.write_text("#!" + sys.executable + "\n" + FAKE_WORKER)  # (run as a script: its arguments are ignored)
     fake.chmod(0o755)
     names = ["c64-base", "c64-lazy", "c64-8w32r", "c64-bn32", "c64-8w16r", "c64-4w16r"]
     args = ["--out", str(tmp_path / "out"), "--arch", "sm_90", "--variant-timeout", "1", "--budget", "60"]

@@ -9,7 +9,7 @@ from pipeline.data.datasets import PairFolder, PatchSampler
 from pipeline.data.imageio import read_rgb, write_rgb
 from pipeline.data.imresize import degrade
 from pipeline.errors import UserError
-from pipeline.evaluate import evaluate, mean_row
+from pipeline.evaluation.evaluate import evaluate, mean_row
 
 
 def _img(h, w, seed=0):

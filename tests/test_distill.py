@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.distill as distill_mod
+import pipeline.training.distill as distill_mod
 from models import create_model, load_checkpoint, save_checkpoint
 from pipeline.config import METHODS, load_config
-from pipeline.distill import distill_student, make_loss
+from pipeline.training.distill import distill_student, make_loss
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.data.datasets import PairFolder, PatchSampler
-from pipeline.losses import Adaptors, tap_indices
-from pipeline.train import Trainee
+from pipeline.training.losses import Adaptors, tap_indices
+from pipeline.training.train import Trainee
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["train.batch=4", "train.lr_patch=12", "train.eval_every=0", "train.log_every=1", "train.threads=1"]
@@ -47,7 +47,7 @@ def test_each_method_has_its_terms_and_the_right_total(method, teacher):
     cfg = small_config(f'distill.method="{method}"')
     student = create_model("tiny_student", scale=4)
     taps = tap_indices(student.num_taps, 3) if method in ("fd", "facd", "facd-nogate") else []
-    from pipeline.losses import Adaptors
+    from pipeline.training.losses import Adaptors
 
     trainee = Trainee(student, taps, Adaptors(16, 32, len(taps)) if taps else None)
     loss_fn = make_loss(cfg, None if method == "none" else teacher, tap_indices(teacher.num_taps, 3))
@@ -188,7 +188,7 @@ def test_fd_terms_are_of_comparable_size_on_real_patches(teacher):
 
 def test_resume_accepts_a_config_key_added_since_only_at_its_default():
     from pipeline.config import Config
-    from pipeline.train import _diff
+    from pipeline.training.train import _diff
 
     now, default = Config().to_dict(), Config().to_dict()
     saved = json.loads(json.dumps(now))

@@ -517,8 +517,8 @@ class Absent(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {absent!r}:
             raise ImportError(name + " is not in the Jetson image")
 sys.meta_path.insert(0, Absent())
-import pipeline.edge, pipeline.engine, pipeline.backends.trt_runner
-from pipeline.engine import trt_status
+import pipeline.edge, pipeline.backends.trt_engine, pipeline.backends.trt_runner
+from pipeline.backends.trt_engine import trt_status
 ok, why = trt_status()
 assert not ok and why, (ok, why)
 try:

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 
 import kernels.build
-from pipeline import doctor
+from pipeline import doctor, machine
 from pipeline.doctor import doctor_report, enables, format_doctor
-from pipeline.engine import trt_status
+from pipeline.backends.trt_engine import trt_status
 
 SECTIONS = ("cpu", "gpu", "cuda_runtime", "tensorrt", "cuda_python", "onnxruntime", "torch", "nvcc", "enables")
 
@@ -63,7 +63,7 @@ def test_hanging_binaries_time_out(monkeypatch, tmp_path):
     for name in ("nvidia-smi", "lscpu"):
         _fake_binary(tmp_path, name, "exec sleep 30")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(doctor, "PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(machine, "PROBE_TIMEOUT_S", 0.2)
     report = doctor_report()
     assert report["gpu"].get("source") != "nvidia-smi" and report["cpu"]["model"]
 
@@ -75,7 +75,7 @@ def test_any_probe_failure_is_reported_not_raised(monkeypatch):
     def broken():
         raise RuntimeError("broken install")
 
-    monkeypatch.setattr(doctor.subprocess, "run", boom)
+    monkeypatch.setattr(machine.subprocess, "run", boom)
     monkeypatch.setattr(doctor, "_onnxruntime", broken)
     report = doctor_report()
     assert report["onnxruntime"] == {"error": "RuntimeError: broken install"}
@@ -130,7 +130,7 @@ def test_what_the_machine_enables(report, expected):
     ((), "unknown"),
 ])
 def test_int8_dot_product_kind_from_cpu_flags(flags, kind):
-    assert doctor.int8_dot_product(list(flags)) == kind
+    assert machine.int8_dot_product(list(flags)) == kind
 
 
 def test_openvino_line():

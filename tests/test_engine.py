@@ -17,12 +17,12 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from pipeline import engine
+from pipeline.backends import trt_engine as engine
 from pipeline.backends import trt_runner
 from pipeline.backends.base import latency
 from pipeline.backends.trt_runner import TrtRunner
 from pipeline.config import EngineSection, load_config, validate_engine_section
-from pipeline.engine import (
+from pipeline.backends.trt_engine import (
     assert_engine_precision,
     build_engines,
     cuda_probe,
@@ -304,7 +304,7 @@ def test_runner_takes_scale_precision_and_tiling_from_the_sidecar(tmp_path):
 # --- probing without TensorRT ----------------------------------------------------------------------------------------
 
 def test_importing_engine_modules_loads_neither_tensorrt_nor_cuda_python():
-    code = ("import sys, pipeline.engine, pipeline.backends.trt_runner, pipeline.doctor; "
+    code = ("import sys, pipeline.backends.trt_engine, pipeline.backends.trt_runner, pipeline.doctor; "
             "print(sorted(m for m in sys.modules if m == 'tensorrt' or m == 'cuda' or m.startswith('cuda.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from models import create_model
-from pipeline import export
+from pipeline.convert import export
 from pipeline.backends.ort_runner import read_meta
 from pipeline.errors import UserError
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data.imageio import read_rgb
 from pipeline.data.imresize import bicubic_upscale, degrade, imresize, modcrop
-from pipeline.degrade import degrade_folder
+from pipeline.data.degrade import degrade_folder
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, gate_from_advantage, l1,
-                             output_distill, patch_psnr, tap_indices)
+from pipeline.training.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, gate_from_advantage,
+                                      l1, output_distill, patch_psnr, tap_indices)
 
 
 def test_tap_indices_are_evenly_spaced_and_end_at_the_last_block():

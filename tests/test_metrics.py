@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_rgb, psnr_y, rgb_to_y, ssim_y, to_uint8
-from pipeline.score import format_table, match_pairs, score_folders
+from pipeline.evaluation.score import format_table, match_pairs, score_folders
 
 SET5 = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "set5"
 needs_set5 = pytest.mark.skipif(not SET5.is_dir(), reason=f"Set5 fixture not found at {SET5} (shared/ beside the checkout)")

@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import edge, verify
+from pipeline.deploy import edge
+from pipeline.evaluation import verify
 from pipeline.backends.openvino_runner import OpenVinoRunner, openvino_status
 from pipeline.backends.ort_runner import OrtRunner
-from pipeline.bundle import make_bundle
+from pipeline.deploy.bundle import make_bundle
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.datasets import PairFolder

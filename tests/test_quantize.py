@@ -11,7 +11,8 @@ import torch
 from onnx import helper, numpy_helper
 
 from models import create_model
-from pipeline import doctor, export, quantize
+from pipeline import machine
+from pipeline.convert import export, quantize
 from pipeline.data.datasets import PairFolder, PatchSampler
 from pipeline.errors import UserError
 
@@ -216,9 +217,9 @@ def test_sensitivity_keeps_the_layer_that_hurts_in_fp16(setup):
 
 
 def _host_int8() -> str:
-    """How this CPU's ONNX Runtime U8S8 kernels multiply (doctor.int8_dot_product), for the assertions that depend
+    """How this CPU's ONNX Runtime U8S8 kernels multiply (machine.int8_dot_product), for the assertions that depend
     on the host's integer arithmetic."""
-    return doctor.int8_dot_product(doctor.cpu_info()["flags"])
+    return machine.int8_dot_product(machine.cpu_info()["flags"])
 
 
 def vpmaddubsw_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

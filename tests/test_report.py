@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from pipeline.report import format_rows, write_report
+from pipeline.evaluation.report import format_rows, write_report
 
 NAMES = ["report.md", "psnr.png", "latency.png", "crops.png"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.distill as distill_mod
+import pipeline.training.distill as distill_mod
 from models import create_model, save_checkpoint
-from pipeline import study
+from pipeline.training import study
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.datasets import PairFolder
-from pipeline.distill import distill_student
+from pipeline.training.distill import distill_student
 
 SMALL = ["train.batch=4", "train.lr_patch=12", "train.eval_every=0", "train.log_every=1", "train.threads=1",
          "train.iters=2", "train.ckpt_every=2"]
@@ -172,7 +172,8 @@ def test_sweep_trains_every_grid_point_and_compares_on_the_validation_split(tmp_
 
 def test_summary_compares_teacher_and_student_on_one_backend(tmp_path, capsys):
     from pipeline.rundir import RunDir
-    from pipeline.stages import EVAL_JSON, summarize
+    from pipeline.rundir import EVAL_JSON
+    from pipeline.stages import summarize
 
     torch.manual_seed(0)
     teacher = save_checkpoint(tmp_path / "t.pt", create_model("tiny_teacher", scale=4))

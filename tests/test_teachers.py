@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import pipeline.teachers as teachers
+import pipeline.training.teachers as teachers
 from models import count_params, create_model, load_checkpoint, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import load_config

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from conftest import SMALL_CALIB
 from pipeline.backends.openvino_runner import openvino_status
 from pipeline.cli import main
-from pipeline.engine import trt_status
-from pipeline.quantize import check_qdq
+from pipeline.backends.trt_engine import trt_status
+from pipeline.convert.quantize import check_qdq
 from pipeline.rundir import sha256_file
 
 FAST = ["--set", "verify.repeats=2", "--set", "verify.warmup=0", "--set", 'verify.latency_sizes=["40x24"]']

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pipeline.backends.base import Runner
-from pipeline.engine import cuda_call, device_info, import_cudart, plan_incompatibility, read_sidecar, trt_status
+from pipeline.backends.trt_engine import (cuda_call, device_info, import_cudart, plan_incompatibility, read_sidecar,
+                                          trt_status)
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:  # the type stubs only; TensorRT itself is imported in activate()

@@ -23,10 +23,12 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
+from pipeline.config import Config
+from pipeline.convert.export import INPUT, conv_nodes
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import UserError
-from pipeline.export import INPUT, conv_nodes
 from pipeline.metrics import psnr_y, to_uint8
+from pipeline.rundir import ONNX
 
 log = logging.getLogger("pipeline")
 
@@ -322,3 +324,48 @@ def cpu_twin_quantizer(fp32: Path, lr: np.ndarray, method: str, percentile: floa
         return proto
 
     return quantized
+
+
+# --- the two INT8 models of a run -----------------------------------------------------------------------------------
+
+def int8_models(cfg: Config, fp32: Path, fp16: Path, data: dict[str, np.ndarray],
+                progress: bool = True) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, Any]]:
+    """The TensorRT model (S8S8 symmetric QDQ on the FP16 model, the QDQ rules checked) and the CPU model (U8S8,
+    FP32 rest), each with its own per-layer sensitivity choice on the calibration set's held-out crops, and the
+    record of both (quant.json)."""
+    q = cfg.quant
+    hold = data["holdout"]
+    calib_lr, hold_lr, hold_hr = data["lr"][~hold], data["lr"][hold], data["hr"][hold]
+    fp16_proto = onnx.load(str(fp16))
+    names = [n.name for n in conv_nodes(fp16_proto)]
+    amax = activation_amax(fp32, calib_lr, q.method, q.percentile)
+    trt = choose_layers(names, lambda layers: quantize(fp16_proto, amax, layers), fp32, hold_lr, hold_hr, cfg.scale,
+                        q.max_drop_db, progress, " (TensorRT model)")
+    trt_proto = quantize(fp16_proto, amax, trt["int8_layers"])
+    broken = check_qdq(trt_proto)
+    if broken:
+        raise RuntimeError(f"{ONNX['int8']} breaks the TensorRT QDQ rules:\n" + "\n".join(broken))
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = cpu_twin_quantizer(fp32, calib_lr, q.method, q.percentile, Path(tmp))
+        cpu = choose_layers(names, twin, fp32, hold_lr, hold_hr, cfg.scale, q.max_drop_db, progress, " (CPU model)")
+        cpu_proto = twin(set(cpu["int8_layers"]))
+    # The drop measured above is this CPU's integer kernels; the same model with exact integer arithmetic (VNNI,
+    # AMX) must lose the same, which is what makes it portable (its 7-bit weights never saturate on AVX2).
+    cpu["drop_db_exact_arithmetic"] = cpu["fp32_psnr_y"] - holdout_psnr(cpu_proto, hold_lr, hold_hr, cfg.scale,
+                                                                        exact_arithmetic=True)
+    counts = {"method": q.method, "calibration": len(calib_lr), "holdout": len(hold_lr)}
+    result = {**counts, "tensorrt": {**counts, **trt, "model": ONNX["int8"], "act_amax": amax,
+                                     "qdq_rules": "checked (TensorRT model only)"},
+              "cpu": {**counts, **cpu, "model": ONNX["int8-cpu"]}}
+    return trt_proto, cpu_proto, result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """quant.md: the per-layer tables of both INT8 models."""
+    return "\n".join([
+        format_table(result["tensorrt"], f"{ONNX['int8']} (TensorRT: S8S8 symmetric, FP16 rest, QDQ rules checked)",
+                     "FP16"),
+        format_table(result["cpu"], f"{ONNX['int8-cpu']} (ONNX Runtime on CPUs: U8S8 with 7-bit weights, FP32 rest; "
+                                    "not for TensorRT, the QDQ rules do not apply)", "FP32"),
+        f"The chosen CPU model with exact integer arithmetic (VNNI, AMX; Q/DQ run as float ops): "
+        f"-{result['cpu']['drop_db_exact_arithmetic']:.3f} dB.\n"])

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
+from pipeline.plots import pyplot
+from pipeline.rundir import RunDir, atomic_path, write_json_atomic, write_text_atomic
+
 BASELINE = "none"
 RESAMPLES = 10_000
 LEVEL = 0.95
@@ -115,11 +119,7 @@ def format_study(title: str, rows: list[dict[str, Any]], fixed: list[tuple[str, 
 
 def plot_study(path: Path, rows: list[dict[str, Any]], title: str, baseline: str = BASELINE) -> None:
     """Mean difference to the baseline with its interval, one bar per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shown = [r for r in rows if "diff" in r]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(shown) + 1.5))
     y = np.arange(len(shown))
@@ -134,3 +134,47 @@ def plot_study(path: Path, rows: list[dict[str, Any]], title: str, baseline: str
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def parse_grid(grid: list[str]) -> dict[str, list[str]]:
+    """`["facd.tau=0.07,0.15"]` -> {"facd.tau": ["0.07", "0.15"]} (values as TOML text, checked by the config)."""
+    out: dict[str, list[str]] = {}
+    for text in grid:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise UserError(f"--grid expects KEY=V1,V2,..., got {text!r}")
+        out[key.strip()] = [v.strip() for v in values.split(",")]
+    return out
+
+
+def variant_slug(name: str, method: str, methods: tuple[str, ...]) -> str:
+    """A file name for a variant: its method (ablate), or its method and grid point (sweep: `facd-tau0.07`)."""
+    if name in methods:
+        return name
+    return "-".join([method] + [key.split(".")[-1] + value for key, value in (part.split("=", 1)
+                                                                              for part in name.split(", "))])
+
+
+def write_study(run: RunDir, stem: str, title: str, study: dict[str, Any], students: dict[str, dict[int, Path]],
+                results: list[dict[str, Any]], teacher_label: str, target: str | None) -> str:
+    """`<run>/<stem>.{json,md,png}` from the evaluation `results` (bicubic, the teacher, then `<variant> seed <k>`
+    for every student); `study` holds the config, seeds and variants (as dicts). Returns the table."""
+    seeds, variants = study["seeds"], study["variants"]
+    by_label = {r["model"]: r for r in results}
+    psnr = {name: np.array([[row["psnr_y"] for row in by_label[f"{name} seed {seed}"]["rows"]] for seed in seeds])
+            for name in variants}
+    rows = compare(psnr)
+    for row in rows:
+        stats = [gate_stats(students[row["variant"]][seed].with_suffix("") / "log.jsonl") for seed in seeds]
+        for key in ("train_gate_rate", "val_gate_rate", "val_advantage_db"):
+            if all(key in st for st in stats):
+                row[key] = float(np.mean([st[key] for st in stats]))
+    pairs = contrasts(psnr, target) if target in psnr and target != BASELINE else []
+    fixed = [("bicubic", results[0]["mean"]["psnr_y"]), (teacher_label, results[1]["mean"]["psnr_y"])]
+    write_json_atomic(run.path(f"{stem}.json"), {"title": title, **study, "fixed": dict(fixed), "rows": rows,
+                                                 "pairs": pairs, "results": results})
+    table = format_study(title, rows, fixed, seeds, pairs=pairs)
+    write_text_atomic(run.path(f"{stem}.md"), table)
+    with atomic_path(run.path(f"{stem}.png")) as tmp:
+        plot_study(tmp, rows, title.split(",")[0])
+    return table

@@ -21,7 +21,8 @@ from pipeline.backends.base import BicubicRunner, Runner, latency
 from pipeline.config import Config
 from pipeline.data.datasets import PairFolder
 from pipeline.errors import UserError
-from pipeline.evaluate import evaluate, mean_row
+from pipeline.evaluation.evaluate import evaluate, mean_row
+from pipeline.machine import machine
 from pipeline.metrics import rgb_to_y
 from pipeline.rundir import ONNX, PLANS, STUDENT
 
@@ -49,7 +50,7 @@ def candidates(run_root: Path, student: Any) -> list[Candidate]:
     from pipeline.backends.ort_runner import OrtRunner, provider_status
     from pipeline.backends.torch_runner import TorchRunner
     from pipeline.backends.trt_runner import TrtRunner
-    from pipeline.engine import trt_status
+    from pipeline.backends.trt_engine import trt_status
 
     rows = [Candidate("pytorch", "fp32", STUDENT, lambda: TorchRunner(student))]
     for device in ORT_DEVICES:
@@ -151,7 +152,7 @@ def verify(cfg: Config, rows_to_run: list[Candidate], require: list[str] = (),
         if row["backend"] in required and row["status"] == "skipped":
             row["status"], row["reason"] = "fail", f"required but skipped: {row['reason']}"
     report = {"scale": s, "data": cfg.data.eval, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": machine(), "gates": {p: gate_for(cfg, p) for p in ONNX},
+              "machine": verify_machine(), "gates": {p: gate_for(cfg, p) for p in ONNX},
               "bicubic": {"psnr_y": bicubic["psnr_y"], "ssim_y": bicubic["ssim_y"]},
               "latency": f"one forward call on a float32 batch of 1, host to host, after {cfg.verify.warmup} "
                          f"warm-up calls; p50/p95 over {cfg.verify.repeats} calls",
@@ -198,9 +199,8 @@ def _rss_mb() -> float | None:
         return None
 
 
-def machine() -> dict[str, Any]:
-    """The budget's machine record (CPU model, ISA flags, cores, platform), plus the GPU and OpenVINO's state."""
-    from pipeline import budget
+def verify_machine() -> dict[str, Any]:
+    """The CPU record of every benchmark (model, ISA flags, cores, platform), plus the GPU and OpenVINO's state."""
     from pipeline.backends.openvino_runner import openvino_status
 
     gpu = None
@@ -208,7 +208,7 @@ def machine() -> dict[str, Any]:
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {**budget.machine(), "gpu": gpu, "openvino": openvino_status()[1]}
+    return {**machine(), "gpu": gpu, "openvino": openvino_status()[1]}
 
 
 def failing(report: dict[str, Any]) -> list[str]:

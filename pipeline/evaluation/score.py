@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.data.imageio import list_images, read_rgb
 from pipeline.data.imresize import modcrop
-from pipeline.degrade import SCALES
+from pipeline.data.degrade import SCALES
 from pipeline.errors import UserError
 from pipeline.metrics import SSIM_WINDOW, psnr_rgb, psnr_y, ssim_y
 

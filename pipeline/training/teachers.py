@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.rundir import sha256_file
 
-TEACHERS_DIR = Path(__file__).resolve().parent / "data" / "teachers"
+TEACHERS_DIR = Path(__file__).resolve().parents[1] / "data" / "teachers"  # package data of pipeline.data
 INDEX = "teachers.json"
 
 

@@ -1,12 +1,12 @@
 """`pipeline bundle`: a self-contained deploy folder `OUT/` and `OUT.tar.gz` for an edge device.
 
-It holds the ONNX models (FP32, FP16, INT8 for TensorRT, INT8 for ONNX Runtime on CPUs),
-`calib.npz`, the run's `manifest.json`, a golden set (LR crops of the first eval images with the PyTorch FP32 outputs
-and their HR), `bundle.json` (scale, gates, latency sizes, engine settings, the sha256 of every file), the torch-free
-runtime (`runtime/pipeline/`, this package's Python files), a Makefile whose `verify` target runs
-`python -m pipeline.edge verify` (see pipeline/edge.py) and a README. The bundle is assembled in a temporary folder
-beside OUT; an existing OUT or OUT.tar.gz is replaced only with `force`, only when it is an earlier bundle (never
-another folder or file, never anything inside the run directory), and only once the new bundle is complete.
+It holds the ONNX models (FP32, FP16, INT8 for TensorRT, INT8 for ONNX Runtime on CPUs), `calib.npz`, the run's
+`manifest.json`, a golden set (LR crops of the first eval images with the PyTorch FP32 outputs and their HR),
+`bundle.json` (scale, gates, latency sizes, engine settings, the sha256 of every file), the torch-free runtime
+(`runtime/pipeline/`, this package's Python files), a Makefile whose `verify` target runs `python -m pipeline.edge
+verify` (see pipeline/deploy/edge.py) and a README. The bundle is assembled in a temporary folder beside OUT; an
+existing OUT or OUT.tar.gz is replaced only with `force`, only when it is an earlier bundle (never another folder or
+file, never anything inside the run directory), and only once the new bundle is complete.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config
 from pipeline.data.datasets import PairFolder
 from pipeline.data.imageio import write_rgb
-from pipeline.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, PLANS_DIR
+from pipeline.deploy.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, PLANS_DIR
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.modelio import load_model
 from pipeline.rundir import CALIB, MANIFEST, ONNX, STUDENT, sha256_file, versions
-from pipeline.stages import check_models_of_student
+from pipeline.convert.export import check_models_of_student
+from pipeline.deploy.runtime import copy_runtime
 
 log = logging.getLogger("pipeline")
 
@@ -42,7 +43,6 @@ REQUIRED = {STUDENT: "pipeline distill", ONNX["fp32"]: "pipeline export", ONNX["
             MANIFEST: "any stage"}
 GOLDEN_COUNT = 4  # the first eval images
 GOLDEN_CROP = 96  # LR side at most: keeps the bundle small and the check fast on a CPU
-RUNTIME_EXCLUDE = {"data/build_embedded.py"}  # a maintainer's tool, not needed to verify
 
 MAKEFILE = """\
 # Verify this bundle on the device that will run it (see README.md).
@@ -195,7 +195,7 @@ def _fill(cfg: Config, run_root: Path, stage: Path, say: Callable[..., None]) ->
     say("bundle: golden set (%d eval images of %s, LR crops of at most %dx%d)", GOLDEN_COUNT, cfg.data.eval,
         GOLDEN_CROP, GOLDEN_CROP)
     _write_golden(cfg, run_root / STUDENT, stage)
-    _copy_runtime(stage / "runtime" / "pipeline")
+    copy_runtime(stage / "runtime" / "pipeline")
     (stage / "Makefile").write_text(MAKEFILE)
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     v = cfg.verify
@@ -239,13 +239,3 @@ def _write_golden(cfg: Config, student: Path, stage: Path) -> None:
     _write_json(stage / GOLDEN_JSON, {
         "scale": s, "shave": s, "data": cfg.data.eval, "crop": f"centre, at most {GOLDEN_CROP}x{GOLDEN_CROP} LR",
         "psnr_y": "Y-PSNR (dB) of the PyTorch FP32 output against HR", "images": images})
-
-
-def _copy_runtime(dst: Path) -> None:
-    """This package's Python files (no data): `pipeline.edge` and what it imports run from them without torch."""
-    src = Path(pipeline.__file__).resolve().parent
-    for path in sorted(src.rglob("*.py")):
-        rel = path.relative_to(src)
-        if rel.as_posix() not in RUNTIME_EXCLUDE:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dst / rel)

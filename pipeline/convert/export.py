@@ -8,6 +8,7 @@ build turns into an FP16 engine and what ONNX Runtime's CPU provider still runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -20,8 +21,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.backends.ort_runner import FORMAT
-from pipeline.errors import UserError
+from models import read_torch_file
+from pipeline.backends.ort_runner import FORMAT, read_meta
+from pipeline.config import Config, parse_size
+from pipeline.data.datasets import PairFolder
+from pipeline.errors import GateFailed, UserError
+from pipeline.rundir import ONNX, STUDENT, RunDir, atomic_path, sha256_file
 
 log = logging.getLogger("pipeline")
 
@@ -143,8 +148,6 @@ def model_meta(model: Any, checkpoint_sha256: str, config_hash: str) -> dict[str
 
 def save(proto: onnx.ModelProto, out: Path) -> None:
     """Check, then write atomically."""
-    from pipeline.rundir import atomic_path
-
     check(proto)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
@@ -172,3 +175,72 @@ def parity(model: Any, onnx_path: Path, images: list[tuple[str, np.ndarray]]) ->
                          "max_abs_err": float(np.max(np.abs(out - ref))),
                          "psnr_vs_pytorch": math.inf if mse == 0 else 10 * math.log10(1 / mse)})
     return rows
+
+
+def parity_images(cfg: Config) -> list[tuple[str, np.ndarray]]:
+    """The eval images' LR, whole and cropped to each of `export.parity_sizes`."""
+    images = []
+    for pair in PairFolder(cfg.data.eval, cfg.scale):
+        images.append((pair.name, pair.lr))
+        for size in cfg.export.parity_sizes:
+            h, w = parse_size(size)
+            images.append((f"{pair.name}[:{h}, :{w}]", pair.lr[:h, :w]))
+    return images
+
+
+def export_checked(cfg: Config, model: Any, student_sha256: str, folder: Path) -> dict[str, Any]:
+    """The FP32 and FP16 models of `model` in `folder` (their run-directory names), each checked against PyTorch on
+    `parity_images`; GateFailed when FP32 differs by more than `export.max_abs_err` (the caller replaces nothing)."""
+    config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    images = parity_images(cfg)
+    fp32, fp16 = folder / ONNX["fp32"], folder / ONNX["fp16"]
+    done = export_fp32(model, fp32, model_meta(model, student_sha256, config_hash), cfg.export.simplify)
+    save(to_fp16(onnx.load(str(fp32))), fp16)
+    result = {**done, "parity": {"fp32": parity(model, fp32, images), "fp16": parity(model, fp16, images)}}
+    worst = {p: max(r["max_abs_err"] for r in rows) for p, rows in result["parity"].items()}
+    low = {p: min(r["psnr_vs_pytorch"] for r in rows) for p, rows in result["parity"].items()}
+    log.info("export: ONNX Runtime vs PyTorch on %d images: FP32 max |err| %.2g (PSNR >= %.1f dB), "
+             "FP16 max |err| %.2g (PSNR >= %.1f dB); simplified with %s", len(images), worst["fp32"],
+             low["fp32"], worst["fp16"], low["fp16"], done["simplifier"])
+    if worst["fp32"] > cfg.export.max_abs_err:
+        raise GateFailed(f"export parity failed: ONNX Runtime FP32 differs from PyTorch by up to "
+                         f"{worst['fp32']:.3g} (export.max_abs_err {cfg.export.max_abs_err}); nothing was replaced")
+    return result
+
+
+def check_student_of_run(cfg: Config, run: RunDir, student: Path, force: bool) -> None:
+    """Exporting a checkpoint that is not the run's student replaces the run's models: only with `force`, and said."""
+    own = run.path(STUDENT)
+    if student.resolve() == own.resolve():
+        return
+    raw = read_torch_file(student)
+    info = raw if isinstance(raw, dict) else {}
+    why = []
+    if info.get("role") not in (None, "student"):
+        why.append(f"it is a {info['role']}")
+    if info.get("preset") not in (None, cfg.model.student):
+        why.append(f"its preset is {info['preset']!r}, the config's student is {cfg.model.student!r}")
+    recorded = run.recorded_sha256(STUDENT) or (sha256_file(own) if own.is_file() else None)
+    if recorded is not None and sha256_file(student) != recorded:
+        why.append(f"its sha256 differs from the run's {STUDENT}")
+    if not why:
+        return
+    replaced = [n for n in (ONNX["fp32"], ONNX["fp16"]) if run.path(n).exists()]
+    what = f"{', '.join(replaced)} of {run.root}" if replaced else f"the ONNX models of {run.root}"
+    if not force:
+        raise UserError(f"--student {student} is not this run's student ({'; '.join(why)}); its export would replace "
+                        f"{what}: pass --force to do that")
+    log.warning("export: replacing %s with the export of %s (%s)", what, student, "; ".join(why))
+
+
+def check_models_of_student(root: Path) -> None:
+    """Every ONNX model of the run holds its precision and was exported from the run's `student.pt`; else a
+    UserError (verify and the bundle's golden set compare the models with that student)."""
+    student_sha = sha256_file(root / STUDENT)
+    for precision, name in ONNX.items():
+        meta = read_meta(root / name)
+        if meta["precision"] != precision:
+            raise UserError(f"{root / name} holds a {meta['precision']} model, expected {precision}")
+        if meta["source_checkpoint_sha256"] != student_sha:
+            raise UserError(f"{root / name} was exported from another checkpoint than {root / STUDENT}: redo "
+                            "`pipeline export` and `pipeline quantize` from it")

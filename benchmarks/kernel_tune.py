@@ -1,4 +1,5 @@
-"""Tuning experiment for the fused kernel on a GPU: ``python -m kernels.tune --out DIR`` (benchmarks/kernel_tune.sh).
+"""Tuning experiment for the fused kernel on a GPU: ``python benchmarks/kernel_tune.py --out DIR``
+(benchmarks/kernel_tune.sh).
 
 Each variant is kernels/contrastive.cu with its FACD_TILES table replaced by one row (``VARIANTS``); each C's
 ``c{C}-base`` row (the tile before tuning) is the control. Steps:
@@ -19,7 +20,8 @@ Each variant is kernels/contrastive.cu with its FACD_TILES table replaced by one
 Switching the default to a winner: paste the printed X(...) row over the row with the same C in FACD_TILES of
 kernels/contrastive.cu; if ``fused`` is faster, set FUSED_PRE_POST = True in kernels/cuda.py.
 
-``python -m kernels.tune --compile-check`` (no GPU): compiles every variant for all default architectures and reports
+``python benchmarks/kernel_tune.py --compile-check`` (no GPU): compiles every variant for all default architectures
+and reports
 registers and spills (the default table must stay spill-free everywhere).
 """
 
@@ -583,7 +585,8 @@ def run_workers(todo: list[str], args, roots: dict, report: dict, deadline: floa
     recorded as failed); ``on_result(result)`` for each result. Returns what was left when the deadline passed."""
     env = dict(os.environ, FACD_KERNEL_ARCHS=args.arch, PYTHONUNBUFFERED="1")
     while todo and time.monotonic() < deadline:
-        cmd = [WORKER_PYTHON, "-m", "kernels.tune", "--worker", "--n", str(args.n), "--warmup", str(args.warmup),
+        cmd = [WORKER_PYTHON, str(Path(__file__).resolve()), "--worker", "--n", str(args.n),
+               "--warmup", str(args.warmup),
                "--iters", str(args.iters), "--roots", json.dumps(roots), "--only", *todo]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
         lines: queue.Queue = queue.Queue()

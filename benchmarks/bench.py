@@ -1,6 +1,6 @@
 """Foundation benchmark: teacher training throughput, degrade time of a 2K image, and the teacher's PSNR vs bicubic.
 
-    python -m pipeline.bench --out bench.json [--run-dir runs/tiny]
+    python benchmarks/bench.py --out bench.json [--run-dir runs/tiny]
 
 Writes JSON with the CPU model beside every figure. The PSNR part reads `<run-dir>/eval.json` (run `make all` first).
 """
@@ -20,9 +20,9 @@ import torch
 from models import create_model
 from pipeline.config import load_config
 from pipeline.data.imresize import degrade
-from pipeline.doctor import cpu_info
+from pipeline.machine import cpu_info
 from pipeline.rundir import versions, write_json_atomic
-from pipeline.train import batch_generator, load_train_patches
+from pipeline.training.train import batch_generator, load_train_patches
 
 
 def bench_degrade(repeats: int = 5) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config, TrainSection
 from pipeline.data.datasets import ImageTooSmall, PairFolder, PatchSampler
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.evaluate import check_size, evaluate, mean_row
+from pipeline.evaluation.evaluate import check_size, evaluate, mean_row
 
 log = logging.getLogger("pipeline")
 

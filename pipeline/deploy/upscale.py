@@ -12,9 +12,8 @@ from tqdm import tqdm
 from pipeline.backends.base import Runner
 from pipeline.data.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_rgb
 from pipeline.errors import UserError
-from pipeline.rundir import PLANS, STUDENT
+from pipeline.rundir import PLANS, REPORT_JSON, STUDENT
 
-DEFAULT_TILE = 384  # LR side above which an image is tiled: bounds memory (an EDSR-baseline pass at 640x360 holds GBs)
 MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".plan")
 
 
@@ -75,8 +74,7 @@ def choose_backend(precision: str | None, run_root: Path, model: Path | None) ->
     from pipeline.backends.openvino_runner import PRECISIONS as OPENVINO_PRECISIONS
     from pipeline.backends.openvino_runner import openvino_status
     from pipeline.backends.ort_runner import provider_status
-    from pipeline.engine import trt_status
-    from pipeline.stages import REPORT_JSON
+    from pipeline.backends.trt_engine import trt_status
 
     if model is not None and model.suffix != ".onnx":
         return ("torch" if model.suffix in (".pt", ".pth") else "tensorrt"), f"the --model file is {model.suffix}"

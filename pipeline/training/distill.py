@@ -28,9 +28,9 @@ from models import SRNet, create_model, save_checkpoint
 from pipeline.config import Config
 from pipeline.data.datasets import PairFolder, PatchSampler
 from pipeline.errors import UserError
-from pipeline.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
-                             patch_psnr, tap_indices)
-from pipeline.train import LossFn, Trainee, fit, setup_context
+from pipeline.training.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
+                                      patch_psnr, tap_indices)
+from pipeline.training.train import LossFn, Trainee, fit, setup_context
 
 log = logging.getLogger("pipeline")
 _USES_FEATURES = ("fd", "facd", "facd-nogate")

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.rundir import atomic_path, write_text_atomic
+from pipeline.plots import pyplot, save_figure
+from pipeline.rundir import REPORT_FILES, write_text_atomic
 
 ROW_COLUMNS = ("backend", "precision", "status", "Y-PSNR", "Y-SSIM", "delta dB", "vs-reference dB", "gate dB",
                "reason")
 THROUGHPUT_COLUMNS = ("backend", "precision", "LR size", "p50 ms", "p95 ms", "images/s", "peak MB")
-REPORT_FILES = ("report.md", "psnr.png", "latency.png", "crops.png")
 CROPS_PER_ROW = 4
 LOG_SCALE_SPREAD = 20.0
 
@@ -122,31 +122,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:
-            # The temporary name ends in .tmp, so the format cannot come from the suffix.
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
 def _save_message(path: Path, title: str, message: str) -> None:
-    fig, ax = _pyplot().subplots(figsize=(5, 2))
+    fig, ax = pyplot().subplots(figsize=(5, 2))
     ax.set_title(title)
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, color="grey", transform=ax.transAxes)
     ax.set_axis_off()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_psnr(path: Path, report: dict) -> None:
@@ -157,7 +138,7 @@ def _plot_psnr(path: Path, report: dict) -> None:
         return
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
+    plt = pyplot()
     reference, bicubic = rows[0]["psnr_y"], report["bicubic"]["psnr_y"]
     marks = [v for v in (reference, bicubic) if _finite(v)]
     lo, hi = min(values + marks), max(values + marks)
@@ -187,7 +168,7 @@ def _plot_psnr(path: Path, report: dict) -> None:
     ax.set_xlabel("Y-PSNR dB (right: value and delta vs reference)")
     ax.set_title(f"Y-PSNR, x{report['scale']}, {report['data']}")
     ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_latency(path: Path, report: dict) -> None:
@@ -195,7 +176,7 @@ def _plot_latency(path: Path, report: dict) -> None:
     if not series:
         _save_message(path, "Latency", "not measured")
         return
-    plt = _pyplot()
+    plt = pyplot()
     sizes = list(dict.fromkeys(t["lr_size"] for r in series for t in r["throughput"]))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.4 * len(series) * len(sizes)), 4))
@@ -214,14 +195,14 @@ def _plot_latency(path: Path, report: dict) -> None:
     ax.set_ylabel("latency ms (bar p50, whisker p95)")
     ax.set_title(f"Latency, x{report['scale']}")
     ax.legend(fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_crops(path: Path, crops: list[tuple[str, np.ndarray]]) -> None:
     if not crops:
         _save_message(path, "Crops", "no crops")
         return
-    plt = _pyplot()
+    plt = pyplot()
     h, w = crops[0][1].shape[:2]
     cols = min(CROPS_PER_ROW, len(crops))
     nrows = math.ceil(len(crops) / cols)
@@ -232,4 +213,4 @@ def _plot_crops(path: Path, crops: list[tuple[str, np.ndarray]]) -> None:
     for ax, (label, image) in zip(axes.flat, crops):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(label, fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,0 +1,1 @@
+"""From a trained student to deployable graphs: ONNX export with parity, INT8 quantization."""

@@ -1,0 +1,1 @@
+"""Evaluation: any runner over a dataset, scoring folders, verification of every backend, the reports."""
