@@ -1,6 +1,8 @@
 """Our checkpoint format: atomic save, safe load (`weights_only=True`), rebuild-and-load with clear errors.
 
 A checkpoint is a dict `{"format": FORMAT, "model": <config dict, incl. arch and scale>, "state_dict": ..., **extra}`.
+The config dict rebuilds the exact module structure before the weights load: for the `anchor` family it records
+`folded` (false: the training form with ECB branches; true: plain convs), so either form round-trips.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .common import SRNet
+from .common import SRBase
 from .registry import build_model
 
 FORMAT = "facd-pipeline-checkpoint/1"
@@ -28,7 +30,7 @@ class CheckpointError(Exception):
     """A checkpoint or weights file that cannot be used; the message names the file and what is wrong."""
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: SRNet, **extra: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: SRBase, **extra: Any) -> Path:
     """Write `model` (config + CPU state dict) and `extra` (plain data / tensors) atomically to `path`."""
     clash = [k for k in extra if k in _RESERVED]
     if clash:
@@ -91,7 +93,7 @@ def model_from_checkpoint(
     expect_arch: str | None = None,
     expect_scale: int | None = None,
     name: str = "checkpoint",
-) -> SRNet:
+) -> SRBase:
     """Rebuild the stored model and load its weights strictly, checking arch / scale against the expectation.
 
     `name` names an already loaded checkpoint dict in errors.

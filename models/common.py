@@ -1,11 +1,12 @@
-"""Pieces shared by EDSR and RCAN: the config, the building blocks and the `SRNet` skeleton with feature taps."""
+"""Pieces shared by the model families: configs, building blocks, the `SRBase` interface (feature taps) and `SRNet`,
+the EDSR / RCAN skeleton; `folded()`, the one call that turns any model into its inference form."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +19,28 @@ ARCHS = ("edsr", "rcan")
 SCALES = (2, 3, 4)
 
 
+class ConfigDict:
+    """`from_dict` / `to_dict` for a frozen config dataclass, with errors naming unknown or missing keys."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Build from a plain dict; unknown or missing keys are a ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]  # type: ignore[arg-type]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ValueError(f"missing model config key(s): {', '.join(missing)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, str | int | float | bool]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigDict):
     """Everything needed to rebuild a network; `asdict()` is what checkpoints store.
 
     - `blocks`: EDSR residual blocks, or RCAN blocks (RCABs) per residual group.
@@ -40,11 +61,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if _not_int(self.scale) or self.scale not in SCALES:
+        if not_int(self.scale) or self.scale not in SCALES:
             raise ValueError(f"scale: must be one of {', '.join(map(str, SCALES))}, got {self.scale!r}")
         for name in ("channels", "blocks", "groups", "reduction"):
             value = getattr(self, name)
-            if _not_int(value) or value < 1:
+            if not_int(value) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
         rs = self.res_scale
         if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0:
@@ -55,24 +76,9 @@ class ModelConfig:
         if self.arch == "rcan" and self.reduction > self.channels:
             raise ValueError(f"reduction: must be <= channels ({self.channels}), got {self.reduction}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Build from a plain dict; unknown or missing keys are a ValueError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ValueError(f"missing model config key(s): {', '.join(missing)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, str | int | float]:
-        return dataclasses.asdict(self)
 
 
-def _not_int(v: object) -> bool:
+def not_int(v: object) -> bool:
     return isinstance(v, bool) or not isinstance(v, int)
 
 
@@ -146,27 +152,17 @@ def make_upsampler(scale: int, channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SRNet(nn.Module):
-    """head -> body blocks -> body_tail (+ head output) -> upsample -> last, on (x - mean) * 255.
-
-    Input: RGB float in [0, 1], NCHW. Output: RGB in ~[0, 1] (not clamped), spatial size times `scale`.
-    The body blocks are the feature taps used for distillation (`num_taps`, `forward_features`).
+class SRBase(nn.Module):
+    """What every model family provides: `config` (plain dict, what checkpoints store), `scale`, `channels`,
+    `num_taps`, `forward(x)` and `forward_features(x, taps)`. The taps are the modules of `self.body`; a subclass sets
+    `_config` (with `to_dict()`, `scale`, `channels`) and `body`, and implements `_run(x, taps)`.
     """
 
-    def __init__(self, config: ModelConfig, body: Sequence[nn.Module]) -> None:
-        super().__init__()
-        c = config.channels
-        self._config = config
-        # Non-persistent: state dicts stay free of mean keys, exactly like BasicSR's.
-        self.register_buffer("mean", torch.tensor(DIV2K_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.head = conv3x3(3, c)
-        self.body = nn.ModuleList(body)
-        self.body_tail = conv3x3(c, c)
-        self.upsample = make_upsampler(config.scale, c)
-        self.last = conv3x3(c, 3)
+    _config: Any
+    body: nn.ModuleList
 
     @property
-    def config(self) -> dict[str, str | int | float]:
+    def config(self) -> dict[str, str | int | float | bool]:
         return self._config.to_dict()
 
     @property
@@ -185,12 +181,46 @@ class SRNet(nn.Module):
         return self._run(x, ())[0]
 
     def forward_features(self, x: Tensor, taps: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
-        """SR output and the outputs of body blocks `taps` (0-based, in the order asked, internal x255 scale)."""
+        """SR output and the outputs of body blocks `taps` (0-based, in the order asked, in the model's own scale)."""
         taps = list(taps)
         for t in taps:
-            if _not_int(t) or not 0 <= t < self.num_taps:
+            if not_int(t) or not 0 <= t < self.num_taps:
                 raise ValueError(f"tap {t!r} out of range: this model has body blocks 0..{self.num_taps - 1}")
         return self._run(x, taps)
+
+    def _run(self, x: Tensor, taps: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """The inference form of `model`: every training-time multi-branch block folded into one plain conv.
+
+    Call this on ANY model before export or deployment timing. A model with a `fold()` method (the re-parameterised
+    `anchor` family) returns its folded copy (or itself, when already folded); every other model (EDSR, RCAN) is
+    returned as it is, the same object. The argument is never modified.
+    """
+    fold = getattr(model, "fold", None)
+    return fold() if callable(fold) else model
+
+
+class SRNet(SRBase):
+    """head -> body blocks -> body_tail (+ head output) -> upsample -> last, on (x - mean) * 255.
+
+    Input: RGB float in [0, 1], NCHW. Output: RGB in ~[0, 1] (not clamped), spatial size times `scale`.
+    The body blocks are the feature taps used for distillation (`num_taps`, `forward_features`; internal x255 scale).
+    """
+
+    def __init__(self, config: ModelConfig, body: Sequence[nn.Module]) -> None:
+        super().__init__()
+        c = config.channels
+        self._config = config
+        # Non-persistent: state dicts stay free of mean keys, exactly like BasicSR's.
+        self.register_buffer("mean", torch.tensor(DIV2K_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.head = conv3x3(3, c)
+        self.body = nn.ModuleList(body)
+        self.body_tail = conv3x3(c, c)
+        self.upsample = make_upsampler(config.scale, c)
+        self.last = conv3x3(c, 3)
 
     def _run(self, x: Tensor, taps: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         wanted = set(taps)

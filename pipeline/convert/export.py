@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models import read_torch_file
+from models import folded, read_torch_file
 from pipeline.backends.ort_runner import FORMAT, read_meta
 from pipeline.config import Config, parse_size
 from pipeline.data.datasets import PairFolder
@@ -34,10 +34,11 @@ INPUT, OUTPUT = "lr", "sr"
 
 
 def export_fp32(model: Any, out: Path, meta: dict[str, str], simplify: bool = True) -> dict[str, Any]:
-    """Export `model` (an SRNet) to `out`; returns what was done (simplifier used, opset)."""
+    """Export `model` to `out` in its deployed form (re-parameterized branches folded into plain Convs, `folded`);
+    returns what was done (simplifier used, opset)."""
     import torch
 
-    model = model.eval().cpu()
+    model = folded(model).eval().cpu()
     example = torch.rand(1, 3, 24, 20)
     dims = {"x": {0: torch.export.Dim("N"), 2: torch.export.Dim("H"), 3: torch.export.Dim("W")}}
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
@@ -189,12 +190,14 @@ def parity_images(cfg: Config) -> list[tuple[str, np.ndarray]]:
 
 
 def export_checked(cfg: Config, model: Any, student_sha256: str, folder: Path) -> dict[str, Any]:
-    """The FP32 and FP16 models of `model` in `folder` (their run-directory names), each checked against PyTorch on
-    `parity_images`; GateFailed when FP32 differs by more than `export.max_abs_err` (the caller replaces nothing)."""
+    """The FP32 and FP16 models of `model` in `folder` (their run-directory names), each checked against PyTorch (the
+    model as trained, before any folding) on `parity_images`; GateFailed when FP32 differs by more than
+    `export.max_abs_err` (the caller replaces nothing)."""
     config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
     images = parity_images(cfg)
     fp32, fp16 = folder / ONNX["fp32"], folder / ONNX["fp16"]
-    done = export_fp32(model, fp32, model_meta(model, student_sha256, config_hash), cfg.export.simplify)
+    deployed = folded(model)
+    done = export_fp32(deployed, fp32, model_meta(deployed, student_sha256, config_hash), cfg.export.simplify)
     save(to_fp16(onnx.load(str(fp32))), fp16)
     result = {**done, "parity": {"fp32": parity(model, fp32, images), "fp16": parity(model, fp16, images)}}
     worst = {p: max(r["max_abs_err"] for r in rows) for p, rows in result["parity"].items()}

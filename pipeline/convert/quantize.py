@@ -144,11 +144,12 @@ def quantize(fp16: onnx.ModelProto, amax: dict[str, float], layers: Collection[s
     for node in g.node:
         if node.op_type == "Conv" and node.name in layers:
             x, w = node.input[0], node.input[1]
-            if x not in amax:
+            calibrated = INPUT if x == f"{INPUT}_fp16" else x  # a Conv on the input sees its FP16 cast (to_fp16)
+            if calibrated not in amax:
                 raise ValueError(f"no calibrated range for {x!r}, the input of {node.name}")
             weight = numpy_helper.to_array(inits[w]).astype(np.float32)
             w_amax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
-            node.input[0] = add_pair(x, np.array(_scale(amax[x])), None)
+            node.input[0] = add_pair(x, np.array(_scale(amax[calibrated])), None)
             node.input[1] = add_pair(w, np.array([_scale(a) for a in w_amax]), 0)
         new_nodes.append(node)
     del g.node[:]
