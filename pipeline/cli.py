@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import DEFAULT_OVERLAP, DEFAULT_TILE, METHODS
+from pipeline.config import BACKENDS, DEFAULT_OVERLAP, DEFAULT_TILE, METHODS
 from pipeline.errors import GateFailed, TrainingDiverged, UserError
 from pipeline.rundir import (BUDGET_DIR, BUDGET_JSON, LATENCY_JSON, MANIFEST, ONNX, STUDENT, RunDir, check_writable,
                              versions, write_json_atomic)
@@ -76,7 +76,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency budget (the budget.* config keys)")
     g.add_argument("--budget-ms", type=float, metavar="X", help="p95 latency of one frame the student must meet")
     g.add_argument("--frame", metavar="WxH", help="HR output frame size (default 1280x720)")
-    g.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="the runtime (default onnxruntime)")
+    g.add_argument("--backend", choices=BACKENDS, help="the runtime (default onnxruntime; openvino: on the CPU)")
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="the precision (default int8)")
     g.add_argument("--latency-table", type=Path, metavar="FILE",
                    help="a latency.json from a probe folder's `make probe` instead of timing here")
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--student", type=Path, help="student checkpoint (default: <run-dir>/student.pt)")
 
-    p = command("quantize", "calibrate on real LR crops and write student.int8.onnx (QDQ, sensitivity-guided)")
+    p = command("quantize", "calibrate on real LR crops and write student.int8.onnx (TensorRT) and "
+                            "student.int8-cpu.onnx (CPUs), QDQ, sensitivity-guided")
     _add_run_args(p)
     p.add_argument("--calib", type=Path, metavar="NPZ", help="reuse this calibration set instead of drawing one")
 

@@ -129,7 +129,7 @@ class EngineSection:
     version_compatible: bool = False  # later TensorRT versions run the plan too (possibly slower)
 
 
-BACKENDS = ("onnxruntime", "tensorrt")  # runtimes a latency budget is measured on (as `pipeline upscale`)
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")  # runtimes a latency budget is measured on (as `upscale`)
 
 
 @dataclass
@@ -143,11 +143,14 @@ class BudgetSection:
     precision: Literal["fp32", "fp16", "int8"] = "int8"
     latency_table: str = ""  # a latency.json (from a probe folder's `make probe`) instead of timing here
     margin: float = 0.1  # a candidate fits when its p95 is at most (1 - margin) x budget_ms
-    blocks: list[int] = field(default_factory=lambda: [1, 3, 6, 12])  # EDSR residual blocks of the candidates
+    # The student presets whose shapes are candidates, in order of preference (empty: model.student alone): the
+    # choice is the largest fitting shape of the first preset that has one (docs/budget.md says why).
+    students: list[str] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=lambda: [1, 3, 6, 12])  # blocks (EDSR) or conv layers (anchor)
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # x these widths: every combination
-    # Convs the candidates' INT8 models keep in float: the first and last Conv, which the sensitivity step of
-    # `pipeline quantize` kept in float in every trained student measured (README); the others are INT8.
-    float_convs: list[str] = field(default_factory=lambda: ["head", "last"])
+    # Convs the candidates' INT8 models keep in float, by name, or `first` / `last`: by default the first and last
+    # Conv, which the sensitivity step of `pipeline quantize` kept in float in every trained EDSR student measured.
+    float_convs: list[str] = field(default_factory=lambda: ["first", "last"])
     warmup: int = 1
     repeats: int = 10
 
@@ -268,9 +271,11 @@ def _validate(cfg: Config) -> None:
 
     if cfg.scale not in (2, 3, 4):
         raise UserError(f"config key 'scale': {cfg.scale} is not one of 2, 3, 4")
-    for key in ("teacher", "student"):
-        if getattr(cfg.model, key) not in MODEL_PRESETS:
-            raise UserError(f"config key 'model.{key}': {getattr(cfg.model, key)!r} is not a model preset (known: "
+    named = {f"model.{key}": getattr(cfg.model, key) for key in ("teacher", "student")}
+    named.update((f"budget.students[{i}]", name) for i, name in enumerate(cfg.budget.students))
+    for key, name in named.items():
+        if name not in MODEL_PRESETS:
+            raise UserError(f"config key {key!r}: {name!r} is not a model preset (known: "
                             f"{', '.join(MODEL_PRESETS)}; see `pipeline models`)")
     t = cfg.train
     positive = {"train.iters": t.iters, "train.batch": t.batch, "train.lr_patch": t.lr_patch, "train.lr": t.lr,

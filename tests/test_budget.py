@@ -19,6 +19,7 @@ import torch
 
 from models import create_model, load_checkpoint, save_checkpoint
 from pipeline.deploy import budget
+from pipeline.backends.openvino_runner import openvino_status
 from pipeline.deploy.probe import LATENCY_FORMAT, load_table
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -239,3 +240,66 @@ def test_the_grid_spans_below_and_above_the_default_student():
     assert len(grid) >= 12 and min(params.values()) < default / 3 and max(params.values()) > 5 * default
     with pytest.raises(UserError, match="budget.channels"):
         load_config(overrides=["budget.channels=[]"])
+
+
+def _family_table() -> dict:
+    """TABLE's EDSR rows (tiny_student) and three anchor rows."""
+    table = copy.deepcopy(TABLE)
+    for row in table["candidates"]:
+        row["preset"] = "tiny_student"
+    for name, blocks, channels, params, p95 in (("anchor_m-b3c8", 3, 8, 2000, 20.0),
+                                                ("anchor_m-b5c28", 5, 28, 41000, 70.0),
+                                                ("anchor_m-b7c32", 7, 32, 70000, 150.0)):
+        table["candidates"].append({**_row(name, blocks, channels, params, p95), "preset": "anchor_m"})
+    return table
+
+
+@pytest.mark.parametrize(("order", "budget_ms", "expected"), [
+    (["anchor_m", "tiny_student"], 100, "anchor_m-b5c28"),  # the preferred family's largest fitting shape ...
+    (["anchor_m", "tiny_student"], 400, "anchor_m-b7c32"),  # ... although b8c32 fits too and has more parameters
+    (["tiny_student", "anchor_m"], 100, "b4c16"),
+    (["anchor_m", "tiny_student"], 25, "anchor_m-b3c8"),
+    (None, 1000, "b8c32"),  # no order: the most parameters overall, as before families
+])
+def test_between_families_the_first_preferred_family_that_fits_decides(order, budget_ms, expected):
+    assert budget.choose(_family_table(), budget_ms, 0.1, order)["name"] == expected
+
+
+def test_rows_without_a_preset_count_as_the_first_preferred_family():
+    """A table made before there were several families: its rows are the config's student's shapes."""
+    assert budget.choose(TABLE, 100, 0.1, ["tiny_student", "anchor_m"])["name"] == "b4c16"
+    assert budget.choose(TABLE, 100, 0.1, ["anchor_m", "tiny_student"])["name"] == "b4c16"
+
+
+def test_with_no_shape_of_the_preferred_family_fitting_the_next_family_is_chosen():
+    table = _family_table()
+    for row in table["candidates"]:
+        if row.get("preset") == "anchor_m":
+            row["p95_ms"] = 500.0
+    assert budget.choose(table, 100, 0.1, ["anchor_m", "tiny_student"])["name"] == "b4c16"
+
+
+def test_the_grid_covers_every_student_family_and_the_choice_sets_the_preset(tmp_path):
+    cfg = load_config(overrides=['budget.students=["anchor_m", "tiny_student"]', "budget.blocks=[3]",
+                                 "budget.channels=[8]", "budget.budget_ms=100"])
+    assert [(c["name"], c["preset"]) for c in budget.candidates(cfg)] == [("anchor_m-b3c8", "anchor_m"),
+                                                                           ("b3c8", "tiny_student")]
+    chosen = budget.student_for_budget(cfg, _family_table(), tmp_path)
+    assert (chosen.model.student, chosen.model.student_blocks, chosen.model.student_channels) == ("anchor_m", 5, 28)
+    with pytest.raises(UserError, match=r"budget.students\[1\]"):
+        load_config(overrides=['budget.students=["anchor_m", "no_such_student"]'])
+
+
+@pytest.mark.skipif(not openvino_status()[0], reason="OpenVINO is not installed")
+def test_openvino_is_a_budget_runtime_for_both_families(tmp_path, capsys):
+    out = tmp_path / "out"
+    grid = [*SMALL_GRID, "--set", 'budget.students=["anchor_s", "tiny_student"]', "--set", "budget.channels=[8]"]
+    assert main(["-q", "budget", "--backend", "openvino", "--precision", "int8", "--out", str(out), *grid]) == 0
+    table = load_table(out / "latency.json", 4, "64x48", "openvino", "int8")
+    assert [(r["name"], r["preset"]) for r in table["candidates"]] == [("anchor_s-b1c8", "anchor_s"),
+                                                                       ("b1c8", "tiny_student")]
+    assert all(r["model"].startswith("openvino") and r["p95_ms"] > 0 for r in table["candidates"])
+    capsys.readouterr()
+    assert main(["-q", "budget", "--backend", "openvino", "--precision", "fp16", "--out", str(tmp_path / "o"),
+                 *grid]) == 2
+    assert "OpenVINO runs the FP32 and INT8 models" in capsys.readouterr().err

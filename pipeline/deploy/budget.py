@@ -29,8 +29,8 @@ from typing import Any
 
 from pipeline.backends.base import Runner
 from pipeline.config import DEFAULT_OVERLAP, DEFAULT_TILE, frame_lr_size
-from pipeline.deploy.probe import (PROBE_FORMAT, PROBE_JSON, format_table, frame_latency, resolve_backend,
-                                   runner_for, time_probe)
+from pipeline.deploy.probe import (PROBE_FORMAT, PROBE_JSON, format_table, frame_latency, onnx_kind,
+                                   resolve_backend, runner_for, time_probe)
 from pipeline.deploy.runtime import copy_runtime
 from pipeline.errors import UserError
 from pipeline.machine import machine
@@ -73,11 +73,18 @@ The weights are random: the models are for timing only. Bring `latency.json` bac
 
 # --- the candidates (torch side) ------------------------------------------------------------------------------------
 
+def students(cfg: Any) -> list[str]:
+    """The student presets of the grid, in order of preference: `budget.students`, else `model.student`."""
+    return list(dict.fromkeys(cfg.budget.students)) or [cfg.model.student]
+
+
 def candidates(cfg: Any) -> list[dict[str, Any]]:
-    """Every (blocks, channels) of the grid, named `b<blocks>c<channels>`."""
+    """Every (blocks, channels) of the grid for every student preset, named `b<blocks>c<channels>` (prefixed with
+    the preset, `anchor_m-b5c28`, for presets other than `model.student`)."""
     b = cfg.budget
-    return [{"name": f"b{blocks}c{channels}", "blocks": blocks, "channels": channels}
-            for blocks in sorted(set(b.blocks)) for channels in sorted(set(b.channels))]
+    return [{"name": ("" if preset == cfg.model.student else f"{preset}-") + f"b{blocks}c{channels}",
+             "preset": preset, "blocks": blocks, "channels": channels}
+            for preset in students(cfg) for blocks in sorted(set(b.blocks)) for channels in sorted(set(b.channels))]
 
 
 def upscale_tiling() -> dict[str, int]:
@@ -100,7 +107,7 @@ def make_probe(cfg: Any, folder: Path, kinds: list[str], progress: bool = True) 
         data = quantize.calibration_set(cfg.data.train, cfg.scale, q.calib_count, q.calib_crop, q.calib_holdout,
                                         q.calib_seed)
         calib = data["lr"][~data["holdout"]]
-    jobs = [(cfg.model.student, cfg.scale, c, kinds, folder, cfg.export.simplify, calib, q.method, q.percentile,
+    jobs = [(cfg.scale, c, kinds, folder, cfg.export.simplify, calib, q.method, q.percentile,
              b.float_convs, lr_hw) for c in candidates(cfg)]
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -138,7 +145,8 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
     from models import count_flops, count_params, create_model
     from pipeline.convert import export, quantize
 
-    preset, scale, cand, kinds, folder, simplify, calib, method, percentile, float_convs, lr_hw = job
+    scale, cand, kinds, folder, simplify, calib, method, percentile, float_convs, lr_hw = job
+    preset = cand["preset"]
     logging.getLogger().addHandler(logging.NullHandler())  # ONNX Runtime's quantizer advises through the root logger
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -152,11 +160,12 @@ def _make_candidate(job: tuple) -> dict[str, Any]:
         export.export_fp32(model, fp32, export.model_meta(model, RANDOM_WEIGHTS, ""), simplify)
         fp32_proto = onnx.load(str(fp32))
         names = [n.name for n in export.conv_nodes(fp32_proto)]
-        unknown = sorted(set(float_convs) - set(names))
+        kept = {{"first": names[0], "last": names[-1]}.get(n, n) for n in float_convs}
+        unknown = sorted(kept - set(names))
         if unknown:
             raise UserError(f"budget.float_convs names {', '.join(unknown)}, not Convs of candidate {cand['name']} "
-                            f"(its Convs: {', '.join(names)})")
-        int8_convs = [n for n in names if n not in float_convs]
+                            f"(its Convs: {', '.join(names)}; or first / last)")
+        int8_convs = [n for n in names if n not in kept]
         if "fp32" in kinds:
             protos["fp32"] = fp32_proto
         if "fp16" in kinds or "int8" in kinds:
@@ -198,11 +207,17 @@ def make_probe_folder(cfg: Any, out: Path, *, force: bool = False, progress: boo
 
 # --- the latency table and the choice -------------------------------------------------------------------------------
 
-def choose(table: dict[str, Any], budget_ms: float, margin: float) -> dict[str, Any]:
-    """The candidate with the most parameters (ties: FLOPs) whose p95 is at most (1 - margin) x budget_ms; a
-    UserError naming the fastest candidate when none is."""
+def choose(table: dict[str, Any], budget_ms: float, margin: float, order: list[str] | None = None) -> dict[str, Any]:
+    """Of the candidates whose p95 is at most (1 - margin) x budget_ms, those of the first preset in `order` (the
+    preference; rows without a preset, from tables made before there were several, count as the first) that has
+    any, and of them the one with the most parameters (ties: FLOPs): parameters compare shapes within a family, not
+    across families. A UserError naming the fastest candidate when none fits."""
     limit = budget_ms * (1 - margin)
     fits = [r for r in table["candidates"] if r["p95_ms"] <= limit]
+    if fits and order:
+        rank = {preset: i for i, preset in enumerate(order)}
+        best = min(rank.get(r.get("preset") or order[0], len(order)) for r in fits)
+        fits = [r for r in fits if rank.get(r.get("preset") or order[0], len(order)) == best]
     if not fits:
         f = min(table["candidates"], key=lambda r: r["p95_ms"])
         raise UserError(f"no candidate meets a {budget_ms:g} ms budget (p95 at most {limit:.1f} ms with the "
@@ -252,12 +267,12 @@ def _plot(path: Path, table: dict[str, Any], budget_ms: float, margin: float, ch
 
 def measure(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Make and time every candidate on this machine's runner for `cfg.budget`; `out_dir/latency.json`."""
-    from pipeline.backends.ort_runner import onnx_for
-
     where = resolve_backend(cfg.budget.backend)
     precision = cfg.budget.precision
-    onnx_name = ONNX[precision] if where == "tensorrt" else onnx_for(precision, where.removeprefix("onnxruntime-"))
-    kinds = [k for k, name in ONNX.items() if name == onnx_name]
+    if where == "openvino" and precision == "fp16":
+        raise UserError("OpenVINO runs the FP32 and INT8 models, not FP16: choose --precision fp32 or int8")
+    device = "cpu" if where == "openvino" else where.removeprefix("onnxruntime-")
+    kinds = [precision] if where == "tensorrt" else [onnx_kind(precision, device)]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         probe = make_probe(cfg, Path(tmp), kinds, progress)
@@ -276,7 +291,7 @@ def student_for_budget(cfg: Any, table: dict[str, Any], out_dir: Path) -> Any:
 
     b = cfg.budget
     try:
-        choice = choose(table, b.budget_ms, b.margin)
+        choice = choose(table, b.budget_ms, b.margin, students(cfg))
     except UserError:
         write_budget(out_dir, table, b.budget_ms, b.margin, None)
         raise
@@ -285,7 +300,8 @@ def student_for_budget(cfg: Any, table: dict[str, Any], out_dir: Path) -> Any:
     log.info("budget: %s (%d blocks x %d channels, %s params) has p95 %.1f ms, within %.1f ms (%g ms budget, %.0f%% "
              "margin)", choice["name"], choice["blocks"], choice["channels"], f"{choice['params']:,}",
              choice["p95_ms"], b.budget_ms * (1 - b.margin), b.budget_ms, 100 * b.margin)
-    return apply_overrides(cfg, [f"model.student_blocks={choice['blocks']}",
+    preset = choice.get("preset") or cfg.model.student
+    return apply_overrides(cfg, [f"model.student={json.dumps(preset)}", f"model.student_blocks={choice['blocks']}",
                                  f"model.student_channels={choice['channels']}"])
 
 

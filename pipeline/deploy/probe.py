@@ -35,10 +35,18 @@ ROW_KEYS = ("name", "blocks", "channels", "params", "flops", "p50_ms", "p95_ms")
 
 
 def resolve_backend(backend: str) -> str:
-    """'tensorrt' or 'onnxruntime-<provider>' for 'auto' (TensorRT where usable), 'tensorrt' or 'onnxruntime' (the
-    provider `pipeline upscale` would pick)."""
+    """'tensorrt', 'openvino' or 'onnxruntime-<provider>' for 'auto' (TensorRT where usable, else ONNX Runtime),
+    'tensorrt', 'openvino' or 'onnxruntime' (the provider `pipeline upscale` would pick)."""
     from pipeline.backends.ort_runner import fastest_device, provider_status
     from pipeline.backends.trt_engine import trt_status
+
+    if backend == "openvino":
+        from pipeline.backends.openvino_runner import openvino_status
+
+        ok, why = openvino_status()
+        if not ok:
+            raise UserError(why)
+        return "openvino"
 
     if backend in ("auto", "tensorrt"):
         ok, why = trt_status()
@@ -71,11 +79,22 @@ def runner_for(where: str, precision: str, model: Callable[[str], Path], tiling:
         sec = EngineSection(profile="custom", min_lr=size, opt_lr=size, max_lr=size, timing_cache="")
         (plan,) = build_engines({precision: model(precision)}, plans, sec, scale)
         return TrtRunner(plan, tile=tiling["tile"], overlap=tiling["overlap"])
-    from pipeline.backends.ort_runner import OrtRunner, onnx_for
+    from pipeline.backends.ort_runner import OrtRunner
 
+    if where == "openvino":  # on the CPU: FP32, or INT8 as the U8S8 CPU model
+        from pipeline.backends.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(model(onnx_kind(precision, "cpu")), **tiling)
     device = where.removeprefix("onnxruntime-")
-    kind = next(k for k, name in ONNX.items() if name == onnx_for(precision, device))
-    return OrtRunner(model(kind), device, **tiling)
+    return OrtRunner(model(onnx_kind(precision, device)), device, **tiling)
+
+
+def onnx_kind(precision: str, device: str) -> str:
+    """The kind of ONNX model (fp32, fp16, int8, int8-cpu) a precision runs as on an ONNX Runtime `device` or on
+    OpenVINO (`device` cpu); OpenVINO has no FP16 model."""
+    from pipeline.backends.ort_runner import onnx_for
+
+    return next(k for k, name in ONNX.items() if name == onnx_for(precision, device))
 
 
 def time_probe(folder: Path, backend: str = "auto", progress: bool = True) -> dict[str, Any]:
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("probe", help="time every candidate; writes latency.json into the folder")
     p.add_argument("--dir", type=Path, default=Path("."), help="the probe folder (default: here)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "openvino"], default="auto",
                    help="auto (default): TensorRT where it is usable, else ONNX Runtime")
     args = parser.parse_args(argv)
     try:
