@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 by_preset.setdefault(preset, {})[seed] = from_study(args.study, seed)
                 continue
             if run is None:
-                raise SystemExit(f"no run directory {preset}-seed{seed} in {args.runs}")
+                print(f"{preset}: no seed {seed} in {args.runs}; compared on the seeds it has", flush=True)
+                continue
             if not args.skip_stages:
                 stages(run, preset)
             by_preset.setdefault(preset, {})[seed] = candidate(run)
@@ -146,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
     bicubic, teacher_psnr = fixed[0]["mean"]["psnr_y"], fixed[1]["mean"]["psnr_y"]
     teacher = {**teacher_latency(cfg.scale), "psnr_y": teacher_psnr}
-    psnr = {p: np.array([s[k]["per_image"] for k in args.seeds]) for p, s in by_preset.items()}
-    pairs = {r["variant"]: r for r in study.compare(psnr, BASELINE)}
-    for name, pair in pairs.items():
-        if name != BASELINE:
-            pair.update(zip(("t_low", "t_high"), seed_t_interval((psnr[name] - psnr[BASELINE]).mean(axis=1))))
+    pairs = {}
+    for name, per_seed in by_preset.items():
+        seeds = sorted(set(per_seed) & set(by_preset[BASELINE]))
+        if name == BASELINE or len(seeds) < 2:
+            continue
+        psnr = {p: np.array([by_preset[p][k]["per_image"] for k in seeds]) for p in (BASELINE, name)}
+        pairs[name] = {**study.compare(psnr, BASELINE)[1], "seeds": seeds}
+        pairs[name].update(zip(("t_low", "t_high"), seed_t_interval((psnr[name] - psnr[BASELINE]).mean(axis=1))))
     table = []
     for preset, per_seed in by_preset.items():
         first = runs[preset][min(runs[preset])]
