@@ -1,14 +1,15 @@
 """A student sized to a latency budget, measured on the runner that will run it.
 
-Every candidate shape of the student preset (`budget.blocks` x `budget.channels`) is built with random weights,
+Every candidate shape (`budget.blocks` x `budget.channels`) of every student preset of `budget.students` (default:
+`model.student`) is built with random weights,
 exported with the export of a trained student and put through the precision recipe of the target (FP32; FP16;
 INT8 calibrated on real LR crops with the quantizer of that runtime, every Conv INT8 but `budget.float_convs`),
 then timed on one frame (`budget.frame`, the LR input frame / scale) through the runner `pipeline upscale` would
 use, with its tiling: uint8 in, uint8 out, p50 / p95 over `budget.repeats` calls after `budget.warmup`. The table
 is `latency.json`.
 
-The choice for a budget: of the candidates whose p95 is at most (1 - `budget.margin`) x budget, the one with the
-most parameters (ties: the most FLOPs). The margin absorbs run-to-run noise and what random weights cannot show
+The choice for a budget: of the candidates whose p95 is at most (1 - `budget.margin`) x budget, those of the first
+preferred preset that has any, and of them the one with the most parameters (ties: the most FLOPs). The margin absorbs run-to-run noise and what random weights cannot show
 (which further Convs the trained student's INT8 sensitivity step keeps in float).
 
 A device that cannot train gets a probe folder (`pipeline budget --bundle DIR`): the candidate ONNX files, this
