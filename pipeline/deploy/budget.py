@@ -9,8 +9,9 @@ use, with its tiling: uint8 in, uint8 out, p50 / p95 over `budget.repeats` calls
 is `latency.json`.
 
 The choice for a budget: of the candidates whose p95 is at most (1 - `budget.margin`) x budget, those of the first
-preferred preset that has any, and of them the one with the most parameters (ties: the most FLOPs). The margin absorbs run-to-run noise and what random weights cannot show
-(which further Convs the trained student's INT8 sensitivity step keeps in float).
+preferred preset that has any, and of them the one with the most parameters (ties: the most FLOPs). The margin
+absorbs run-to-run noise and what random weights cannot show (which further Convs the trained student's INT8
+sensitivity step keeps in float).
 
 A device that cannot train gets a probe folder (`pipeline budget --bundle DIR`): the candidate ONNX files, this
 package's torch-free runtime and a Makefile whose `make probe` runs `python -m pipeline.budget probe`
