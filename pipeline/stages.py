@@ -240,7 +240,7 @@ def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config],
                     folder)
     students: dict[str, dict[int, Path]] = {}
     for name, variant in variants.items():
-        slug = study.variant_slug(name, variant.distill.method, METHODS)
+        slug = study.variant_slug(name, variant.distill.method)
         for seed in seeds:
             final = f"{folder}/{slug}-seed{seed}.pt"
             interrupted = (run.path(final.removesuffix(".pt")) / "last.pt").exists()

@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline.backends.base import Runner
 from pipeline.config import DEFAULT_OVERLAP, DEFAULT_TILE, frame_lr_size
-from pipeline.deploy.probe import (PROBE_FORMAT, PROBE_JSON, format_table, frame_latency, onnx_kind,
+from pipeline.deploy.probe import (PROBE_FORMAT, PROBE_JSON, format_table, frame_latency, kind_for,
                                    resolve_backend, runner_for, time_probe)
 from pipeline.deploy.runtime import copy_runtime
 from pipeline.errors import UserError
@@ -217,9 +217,12 @@ def choose(table: dict[str, Any], budget_ms: float, margin: float, order: list[s
     limit = budget_ms * (1 - margin)
     fits = [r for r in table["candidates"] if r["p95_ms"] <= limit]
     if fits and order:
-        rank = {preset: i for i, preset in enumerate(order)}
-        best = min(rank.get(r.get("preset") or order[0], len(order)) for r in fits)
-        fits = [r for r in fits if rank.get(r.get("preset") or order[0], len(order)) == best]
+        def rank(row: dict[str, Any]) -> int:
+            preset = row.get("preset") or order[0]
+            return order.index(preset) if preset in order else len(order)
+
+        best = min(map(rank, fits))
+        fits = [r for r in fits if rank(r) == best]
     if not fits:
         f = min(table["candidates"], key=lambda r: r["p95_ms"])
         raise UserError(f"no candidate meets a {budget_ms:g} ms budget (p95 at most {limit:.1f} ms with the "
@@ -273,8 +276,7 @@ def measure(cfg: Any, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     precision = cfg.budget.precision
     if where == "openvino" and precision == "fp16":
         raise UserError("OpenVINO runs the FP32 and INT8 models, not FP16: choose --precision fp32 or int8")
-    device = "cpu" if where == "openvino" else where.removeprefix("onnxruntime-")
-    kinds = [precision] if where == "tensorrt" else [onnx_kind(precision, device)]
+    kinds = [kind_for(where, precision)]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         probe = make_probe(cfg, Path(tmp), kinds, progress)

@@ -77,23 +77,26 @@ def runner_for(where: str, precision: str, model: Callable[[str], Path], tiling:
 
         size = f"{lr_hw[1]}x{lr_hw[0]}"  # a profile of exactly the frame: one pass, as upscale runs it
         sec = EngineSection(profile="custom", min_lr=size, opt_lr=size, max_lr=size, timing_cache="")
-        (plan,) = build_engines({precision: model(precision)}, plans, sec, scale)
+        (plan,) = build_engines({precision: model(kind_for(where, precision))}, plans, sec, scale)
         return TrtRunner(plan, tile=tiling["tile"], overlap=tiling["overlap"])
-    from pipeline.backends.ort_runner import OrtRunner
-
-    if where == "openvino":  # on the CPU: FP32, or INT8 as the U8S8 CPU model
+    if where == "openvino":
         from pipeline.backends.openvino_runner import OpenVinoRunner
 
-        return OpenVinoRunner(model(onnx_kind(precision, "cpu")), **tiling)
-    device = where.removeprefix("onnxruntime-")
-    return OrtRunner(model(onnx_kind(precision, device)), device, **tiling)
+        return OpenVinoRunner(model(kind_for(where, precision)), **tiling)
+    from pipeline.backends.ort_runner import OrtRunner
+
+    return OrtRunner(model(kind_for(where, precision)), where.removeprefix("onnxruntime-"), **tiling)
 
 
-def onnx_kind(precision: str, device: str) -> str:
-    """The kind of ONNX model (fp32, fp16, int8, int8-cpu) a precision runs as on an ONNX Runtime `device` or on
-    OpenVINO (`device` cpu); OpenVINO has no FP16 model."""
+def kind_for(where: str, precision: str) -> str:
+    """The kind of ONNX model (fp32, fp16, int8, int8-cpu) that `precision` runs as on `where` (a `resolve_backend`
+    answer): TensorRT builds from its own; OpenVINO runs on the CPU (INT8: the U8S8 CPU model; it has no FP16 model)
+    and ONNX Runtime takes the model of its provider."""
     from pipeline.backends.ort_runner import onnx_for
 
+    if where == "tensorrt":
+        return precision
+    device = "cpu" if where == "openvino" else where.removeprefix("onnxruntime-")
     return next(k for k, name in ONNX.items() if name == onnx_for(precision, device))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import METHODS
 from pipeline.errors import UserError
 from pipeline.plots import pyplot
 from pipeline.rundir import RunDir, atomic_path, write_json_atomic, write_text_atomic
@@ -147,9 +148,9 @@ def parse_grid(grid: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def variant_slug(name: str, method: str, methods: tuple[str, ...]) -> str:
+def variant_slug(name: str, method: str) -> str:
     """A file name for a variant: its method (ablate), or its method and grid point (sweep: `facd-tau0.07`)."""
-    if name in methods:
+    if name in METHODS:
         return name
     return "-".join([method] + [key.split(".")[-1] + value for key, value in (part.split("=", 1)
                                                                               for part in name.split(", "))])
