@@ -103,6 +103,18 @@ def seed_t_interval(per_seed: np.ndarray) -> tuple[float, float]:
     return float(per_seed.mean() - half), float(per_seed.mean() + half)
 
 
+def paired(by_preset: dict[str, dict[int, dict[str, Any]]], name: str, baseline: str) -> dict[str, Any] | None:
+    """`name` - `baseline` on their common seeds, paired per seed and image: the study's bootstrap and a seed-level
+    t interval; None with fewer than 2 common seeds."""
+    seeds = sorted(set(by_preset[name]) & set(by_preset[baseline]))
+    if len(seeds) < 2:
+        return None
+    psnr = {p: np.array([by_preset[p][k]["per_image"] for k in seeds]) for p in (baseline, name)}
+    pair = {**study.compare(psnr, baseline)[1], "seeds": seeds}
+    pair.update(zip(("t_low", "t_high"), seed_t_interval((psnr[name] - psnr[baseline]).mean(axis=1))))
+    return pair
+
+
 def teacher_latency(scale: int) -> dict[str, Any]:
     teacher = load_model(shipped_teacher("edsr_baseline", scale), scale)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,35 +140,36 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, Path]] = {}
     for d in sorted(args.runs.iterdir()):
         if re.fullmatch(r".+-seed\d+", d.name) and (d / STUDENT).is_file():
-            preset, seed = d.name.rsplit("-seed", 1)
-            runs.setdefault(preset, {})[int(seed)] = d
+            label, seed = d.name.rsplit("-seed", 1)  # label: <preset> (facd) or <preset>+<method>
+            runs.setdefault(label, {})[int(seed)] = d
     by_preset: dict[str, dict[int, dict[str, Any]]] = {}
-    for preset, per_seed in runs.items():
+    for label, per_seed in runs.items():
+        preset = label.split("+")[0]
         for seed in args.seeds:
             run = per_seed.get(seed)
-            if run is None and preset == BASELINE:
-                by_preset.setdefault(preset, {})[seed] = from_study(args.study, seed)
+            if run is None and label == BASELINE:
+                by_preset.setdefault(label, {})[seed] = from_study(args.study, seed)
                 continue
             if run is None:
-                print(f"{preset}: no seed {seed} in {args.runs}; compared on the seeds it has", flush=True)
+                print(f"{label}: no seed {seed} in {args.runs}; compared on the seeds it has", flush=True)
                 continue
             if not args.skip_stages:
                 stages(run, preset)
-            by_preset.setdefault(preset, {})[seed] = candidate(run)
-            print(f"{run.name}: {by_preset[preset][seed]['psnr_y']:.3f} dB", flush=True)
+            by_preset.setdefault(label, {})[seed] = candidate(run)
+            print(f"{run.name}: {by_preset[label][seed]['psnr_y']:.3f} dB", flush=True)
     fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
     bicubic, teacher_psnr = fixed[0]["mean"]["psnr_y"], fixed[1]["mean"]["psnr_y"]
     teacher = {**teacher_latency(cfg.scale), "psnr_y": teacher_psnr}
-    pairs = {}
-    for name, per_seed in by_preset.items():
-        seeds = sorted(set(per_seed) & set(by_preset[BASELINE]))
-        if name == BASELINE or len(seeds) < 2:
-            continue
-        psnr = {p: np.array([by_preset[p][k]["per_image"] for k in seeds]) for p in (BASELINE, name)}
-        pairs[name] = {**study.compare(psnr, BASELINE)[1], "seeds": seeds}
-        pairs[name].update(zip(("t_low", "t_high"), seed_t_interval((psnr[name] - psnr[BASELINE]).mean(axis=1))))
+    pairs = {name: paired(by_preset, name, BASELINE) for name in by_preset if name != BASELINE}
+    # A method against the same preset distilled with facd: does the teacher pay off for this student?
+    facd_pairs = {name: paired(by_preset, name.split("+")[0], name) for name in by_preset
+                  if "+" in name and name.split("+")[0] in by_preset}
     table = []
     for preset, per_seed in by_preset.items():
+        if "+" in preset:  # the same shape as its facd row: timed there
+            table.append({"preset": preset, "per_seed": per_seed, "psnr_y_mean": float(np.mean(
+                [r["psnr_y"] for r in per_seed.values()])), "facd_minus_this": facd_pairs.get(preset)})
+            continue
         first = runs[preset][min(runs[preset])]
         model = load_model(first / STUDENT, cfg.scale)
         timed = latencies(first)
@@ -196,7 +209,8 @@ def format_table(result: dict[str, Any]) -> str:
              "| student | params | GFLOPs | Y-PSNR mean (per seed) | vs tiny_student: seed-t 95 % (bootstrap) | "
              "share of gain | x faster | ORT FP32 / INT8 ms | OV FP32 / INT8 ms | all-INT8 drop eval / holdout | "
              "peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in sorted(result["candidates"], key=lambda c: c["gflops"]):
+    timed = [c for c in result["candidates"] if "latency" in c]
+    for c in sorted(timed, key=lambda c: c["gflops"]):
         lat = c["latency"]
         seeds = ", ".join(f"{r['psnr_y']:.3f}" for r in c["per_seed"].values())
         pair = c["vs_tiny_student"] or {}
@@ -208,6 +222,18 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{lat['ov_fp32']['p50_ms']:.0f} / {lat['ov_int8']['p50_ms']:.0f} | "
                      f"{c['int8_all_eval_drop_db']:.3f} / {c['int8_all_holdout_drop_db']:.3f} "
                      f"(seeds {', '.join(map(str, c['int8_seeds']))}) | {lat['ort_fp32']['peak_mem_mb']:.0f} |")
+    for c in result["candidates"]:
+        if "latency" in c:
+            continue
+        preset, method = c["preset"].split("+")
+        seeds = ", ".join(f"{r['psnr_y']:.3f}" for r in c["per_seed"].values())
+        pair = c["facd_minus_this"] or {}
+        vs = "" if "diff" not in pair else (f"; facd - {method}: {pair['diff']:+.3f} dB, seed-t 95 % "
+                                            f"[{pair['t_low']:+.3f}, {pair['t_high']:+.3f}] (bootstrap "
+                                            f"[{pair['ci_low']:+.3f}, {pair['ci_high']:+.3f}])")
+        share = (c["psnr_y_mean"] - result["bicubic_psnr_y"]) / (t["psnr_y"] - result["bicubic_psnr_y"])
+        lines.append(f"\n{preset} trained with `{method}` (same iterations, seeds, data; no teacher): "
+                     f"{c['psnr_y_mean']:.3f} dB ({seeds}), {share:.0%} of the teacher's gain{vs}.")
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
     lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}). Latency: one forward call at batch 1, p50 of "
                  "10 after 2 warm-up calls, on one seed's models; peak MB: resident memory added, ONNX Runtime FP32.")

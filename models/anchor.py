@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .common import SCALES, ConfigDict, SRBase, not_int, conv3x3
+from .common import SCALES, ConfigDict, SRBase, check_size_fields, conv3x3, not_int
 from .ecb import ECB
 
 ARCH = "anchor"
@@ -44,10 +44,7 @@ class AnchorConfig(ConfigDict):
             raise ValueError(f"arch: must be {ARCH!r}, got {self.arch!r}")
         if not_int(self.scale) or self.scale not in SCALES:
             raise ValueError(f"scale: must be one of {', '.join(map(str, SCALES))}, got {self.scale!r}")
-        for name in ("channels", "blocks"):
-            value = getattr(self, name)
-            if not_int(value) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        check_size_fields(self, ("channels", "blocks"))
         if not isinstance(self.folded, bool):
             raise ValueError(f"folded: must be true or false, got {self.folded!r}")  # noqa: TRY004 - config errors are ValueErrors
 

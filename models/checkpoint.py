@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: SRBase, **extra: Any) -
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "model": model.config, "state_dict": state, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     buffer = io.BytesIO()  # torch.save turns a failed write into a bare RuntimeError; f.write keeps the OSError
     torch.save(payload, buffer)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # plain open, so the file gets the usual umask permissions
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())

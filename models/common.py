@@ -63,10 +63,7 @@ class ModelConfig(ConfigDict):
             raise ValueError(f"arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not_int(self.scale) or self.scale not in SCALES:
             raise ValueError(f"scale: must be one of {', '.join(map(str, SCALES))}, got {self.scale!r}")
-        for name in ("channels", "blocks", "groups", "reduction"):
-            value = getattr(self, name)
-            if not_int(value) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        check_size_fields(self, ("channels", "blocks", "groups", "reduction"))
         rs = self.res_scale
         if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0:
             raise ValueError(f"res_scale: must be a finite number > 0, got {rs!r}")
@@ -76,6 +73,25 @@ class ModelConfig(ConfigDict):
         if self.arch == "rcan" and self.reduction > self.channels:
             raise ValueError(f"reduction: must be <= channels ({self.channels}), got {self.reduction}")
 
+
+
+# Upper bounds no real preset comes near (the largest, EDSR's paper model: 256 channels, 32 blocks, 38 M body
+# weights; RCAN: 10 groups), checked before anything is allocated: a hand-edited checkpoint config cannot make us
+# allocate gigabytes.
+MAX_SIZE = {"channels": 1024, "blocks": 512, "groups": 64, "reduction": 1024}
+MAX_BODY_WEIGHTS = 200_000_000  # blocks x groups x 18 x channels^2: two 3x3 convs per block (800 MB in float32)
+
+
+def check_size_fields(config: object, names: tuple[str, ...]) -> None:
+    """Each of `names` an integer in 1..MAX_SIZE, and the body's weights within MAX_BODY_WEIGHTS; else ValueError."""
+    for name in names:
+        value = getattr(config, name)
+        if not_int(value) or not 1 <= value <= MAX_SIZE[name]:
+            raise ValueError(f"{name}: must be an integer from 1 to {MAX_SIZE[name]}, got {value!r}")
+    weights = config.blocks * getattr(config, "groups", 1) * 18 * config.channels ** 2
+    if weights > MAX_BODY_WEIGHTS:
+        raise ValueError(f"blocks x channels: about {weights:,} body weights, more than the {MAX_BODY_WEIGHTS:,} "
+                         "this tool builds")
 
 
 def not_int(v: object) -> bool:

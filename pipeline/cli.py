@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import BACKENDS, DEFAULT_OVERLAP, DEFAULT_TILE, METHODS
-from pipeline.errors import GateFailed, TrainingDiverged, UserError
+from pipeline.errors import GateFailed, TrainingDiverged, UserError, report_internal_error
 from pipeline.rundir import (BUDGET_DIR, BUDGET_JSON, LATENCY_JSON, MANIFEST, ONNX, STUDENT, RunDir, check_writable,
                              versions, write_json_atomic)
 
@@ -355,10 +355,14 @@ def _run(args: argparse.Namespace) -> None:
 
 def _run_stage(args: argparse.Namespace, cfg: object, run: RunDir, progress: bool) -> None:
     from pipeline import stages
+    from pipeline.training import study
 
     if args.command == "teacher":
         stages.stage_teacher(cfg, run, resume=args.resume, force=args.force, progress=progress)
     elif args.command in ("distill", "ablate", "sweep"):
+        if args.command != "distill":  # bad lists are refused before a teacher is trained
+            study.check_seeds(args.seeds)
+            axes = study.parse_grid(args.grid) if args.command == "sweep" else {}
         teacher = stages.resolve_teacher(cfg, run, args.teacher, resume=args.resume, force=args.force,
                                          progress=progress)
         if args.command == "distill":
@@ -367,7 +371,7 @@ def _run_stage(args: argparse.Namespace, cfg: object, run: RunDir, progress: boo
             stages.stage_ablate(cfg, run, teacher, args.methods, args.seeds, resume=args.resume, force=args.force,
                                 progress=progress)
         else:
-            stages.stage_sweep(cfg, run, teacher, args.grid, args.seeds, name=args.name, resume=args.resume,
+            stages.stage_sweep(cfg, run, teacher, axes, args.seeds, name=args.name, resume=args.resume,
                                force=args.force, progress=progress)
     elif args.command == "export":
         student = args.student or run.path(STUDENT)
@@ -421,9 +425,12 @@ def _eval(args: argparse.Namespace, progress: bool) -> None:
 def _upscale(args: argparse.Namespace, cfg: object, progress: bool) -> None:
     from pipeline.deploy.upscale import collect_inputs, make_runner, upscale
 
-    if (args.out / MANIFEST).exists():
-        raise UserError(f"--out {args.out} is a run directory: choose another folder, a run's files are never "
-                        "overwritten by upscale")
+    out = args.out.resolve()
+    run_root = next((p for p in (out, *out.parents) if (p / MANIFEST).is_file()), None)
+    if run_root is not None:
+        where = "is a run directory" if run_root == out else f"is inside the run directory {run_root}"
+        raise UserError(f"--out {args.out} {where}: choose another folder, a run's files are never written by "
+                        "upscale")
     pairs = collect_inputs(args.inputs, args.out, args.overwrite)
     if args.model and args.run_dir:
         raise UserError("give --model or --run-dir, not both")
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
-            raise
+            return _internal_error(args, e)
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {WRITE_ERRORS[e.errno]}{where}: {e.strerror}; the file being written was not put in place, "
               "nothing already there was replaced", file=sys.stderr)
@@ -518,9 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - ours, not the user's: named, logged, and never exit 1 or 2
+        return _internal_error(args, e)
     finally:
         _leave_process_group()
     return 0
+
+
+def _internal_error(args: argparse.Namespace, error: BaseException) -> int:
+    """The traceback goes into the run directory where there is one (a container's /tmp vanishes with it)."""
+    run_dir = getattr(args, "run_dir", None)
+    return report_internal_error(error, run_dir if run_dir and Path(run_dir).is_dir() else None)
 
 
 def _leave_process_group() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ DEFAULT_TILE, DEFAULT_OVERLAP = 384, 32
 @dataclass
 class ModelSection:
     teacher: str = "edsr_baseline"  # a preset of `pipeline models`; where one is shipped for the scale, it is used
-    student: str = "tiny_student"
+    student: str = "anchor_m"  # benchmarks/results/students_cpu.md: the best trade on a CPU
     # The student's shape, overriding the preset's (0 = the preset's); `pipeline all --budget-ms` sets them.
     student_blocks: int = 0
     student_channels: int = 0
@@ -362,14 +363,17 @@ def validate_engine_section(sec: EngineSection) -> None:
         raise UserError(f"config key 'engine.opt_level' must be 0..5, got {sec.opt_level}")
 
 
+MAX_SIDE = 8192  # pixels a side of any size given as WxH (an 8K frame's width): more would only exhaust memory
+
+
 def parse_size(text: str, what: str = "size") -> tuple[int, int]:
-    """'WxH' -> (h, w), both > 0."""
+    """'WxH' -> (h, w), both from 1 to MAX_SIDE."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise UserError(f"{what}: expected WxH, e.g. 320x180, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise UserError(f"{what}: sizes must be > 0, got {text!r}")
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise UserError(f"{what}: each side must be from 1 to {MAX_SIDE}, got {text!r}")
     return h, w
 
 
@@ -411,8 +415,8 @@ def to_toml(cfg: Config) -> str:
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return str(v).lower()
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # JSON's escapes are TOML's, but for DEL, which TOML wants escaped too
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)

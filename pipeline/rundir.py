@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,12 +30,13 @@ from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'ed by the process writing the run directory; holds its description
+STAGING_PREFIX = ".stage-"  # RunDir.staged's folders
 LOCK_WAIT_S = 5.0  # how long a second writer waits for the first before it gives up
 # The artifacts the stages write, by name; every module that opens one takes its name from here.
 TEACHER, STUDENT, CALIB = "teacher.pt", "student.pt", "calib.npz"
 ONNX = {"fp32": "student.fp32.onnx", "fp16": "student.fp16.onnx",
         "int8": "student.int8.onnx",  # for TensorRT: S8S8 symmetric QDQ, FP16 rest
-        "int8-cpu": "student.int8-cpu.onnx"}  # for ONNX Runtime on CPUs: U8S8 QDQ, FP32 rest
+        "int8-cpu": "student.int8-cpu.onnx"}  # for ONNX Runtime on CPUs: U8S8 QDQ, integer between Convs
 PLANS = {"fp16": "student.fp16.plan", "int8": "student.int8.plan"}
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 EXPORT_JSON, QUANT_JSON, QUANT_MD = "export.json", "quant.json", "quant.md"
@@ -54,11 +56,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the user's umask cuts it: what a plain `open()` (0o666) or `mkdir()` (0o777) would give. Temporary
+    files and folders are made private (0o600 / 0o700), and their mode would survive the rename into place."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, umask_mode())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -75,6 +86,37 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def is_own_folder(folder: Path, marker: str, fmt: str) -> bool:
+    """`folder` is a folder (not a link) that this tool wrote: its `marker` file is JSON whose "format" is `fmt`."""
+    try:
+        return (not folder.is_symlink() and folder.is_dir()
+                and json.loads((folder / marker).read_text()).get("format") == fmt)
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def check_replaceable(out: Path, *, force: bool, marker: str, fmt: str, what: str, option: str) -> None:
+    """Before a command writes the folder `out` (`what` it makes, given as `option`): a UserError when it exists and
+    `force` is not set, or when it exists and is not one this tool made (`is_own_folder`): `--force` replaces only
+    our own folders, never a user's folder or a run directory."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise UserError(f"{out} already exists; choose another {option}, or pass --force to replace it")
+    if not is_own_folder(out, marker, fmt):
+        raise UserError(f"{out}: not {what} (no {marker} of {fmt}); --force replaces only {what} made by this tool, "
+                        f"never other files: choose another {option}")
+
+
+def replace_folder(staged: Path, out: Path) -> None:
+    """Put the finished folder `staged` at `out` (same file system), moving an earlier `out` (checked with
+    `check_replaceable`) into `staged`'s parent, a temporary folder the caller removes."""
+    if out.exists():
+        os.replace(out, staged.parent / f"replaced-{out.name}")
+    os.replace(staged, out)
+    os.chmod(out, umask_mode(0o777))  # the staging folder's private mode would survive the rename
 
 
 def versions() -> dict[str, str]:
@@ -114,6 +156,33 @@ def check_writable(root: Path) -> None:
             root.rmdir()
         hint = f"; the folder mounted at {volume} must be writable by uid {os.getuid()}" if volume else ""
         raise UserError(f"cannot write the run directory {root}: {e.strerror} (uid {os.getuid()}){hint}") from None
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    """A run's `manifest.json` (an empty one where there is none), every entry checked: `stages` maps a stage to its
+    `key` (a string) and `outputs` (names, each an artifact), `artifacts` maps a name to its record with a `sha256`.
+    A UserError naming the file and the entry otherwise."""
+    if not path.exists():
+        return {"stages": {}, "artifacts": {}}
+    fix = "move it away to start the run afresh"
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} is corrupt ({e}); {fix}") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)
+            and isinstance(manifest.get("artifacts"), dict)):
+        raise UserError(f"{path} is corrupt (no 'stages' and 'artifacts' tables); {fix}")
+    for name, art in manifest["artifacts"].items():
+        if not isinstance(art, dict) or not isinstance(art.get("sha256"), str) or not SHA256.fullmatch(art["sha256"]):
+            raise UserError(f"{path}: artifacts.{name} is corrupt (not a record with a sha256); {fix}")
+    for stage, entry in manifest["stages"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("outputs"), list)
+                and all(isinstance(o, str) and o in manifest["artifacts"] for o in entry["outputs"])):
+            raise UserError(f"{path}: stages.{stage} is corrupt (not a key and outputs recorded as artifacts); {fix}")
+    return manifest
 
 
 class RunDir:
@@ -177,11 +246,30 @@ class RunDir:
         finally:
             os.close(fd)  # releases the lock
 
-    def _remove_temporaries(self) -> None:
-        """What a killed writer left: `.export-*` folders and `.<name>.*.tmp` files (atomic writes, checkpoints)."""
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A stage's outputs as a set: the block writes each output into the yielded folder (private, inside the run
+        directory) under its name relative to the run directory; when the block finishes, every file there is renamed
+        into place (renames within one file system need no space). A failure before that leaves every earlier
+        output as it was."""
         import shutil
 
-        for tmp in self.root.glob(".export-*"):
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
+        try:
+            yield tmp
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()):
+                dest = self.root / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_temporaries(self) -> None:
+        """What a killed writer left: staging folders and `.<name>.*.tmp` files (atomic writes, checkpoints)."""
+        import shutil
+
+        for tmp in self.root.glob(f"{STAGING_PREFIX}*"):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
         for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("*/.*.tmp")]:
@@ -189,17 +277,7 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
 
     def _load(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {"stages": {}, "artifacts": {}}
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.manifest_path} is corrupt ({e}); move it away to start the run afresh") from None
-        if not (isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict)
-                and isinstance(manifest.get("artifacts"), dict)):
-            raise UserError(f"{self.manifest_path} is corrupt (no 'stages' and 'artifacts' tables); move it away to "
-                            "start the run afresh")
-        return manifest
+        return load_manifest(self.manifest_path)
 
     def _name(self, path: Path) -> str:
         """An input's name in keys and records: relative to the run directory, or (from elsewhere) its path."""
@@ -208,6 +286,9 @@ class RunDir:
         return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
     def _input_digests(self, inputs: list[Path]) -> dict[str, str]:
+        not_files = [str(p) for p in inputs if not Path(p).is_file()]
+        if not_files:
+            raise UserError(f"{', '.join(not_files)}: not a file (a stage's input must be one)")
         return {self._name(p): sha256_file(p) for p in inputs}
 
     def stage_key(self, stage: str, config: dict[str, Any], inputs: list[Path]) -> str:

@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,7 +24,7 @@ from pipeline.machine import machine
 from pipeline.modelio import load_model
 from pipeline.rundir import (ABLATION, BUDGET_DIR, CALIB, EVAL_JSON, EVAL_MD, EXPORT_JSON, LATENCY_JSON, ONNX, PLANS,
                              QUANT_JSON, QUANT_MD, REPORT_FILES, REPORT_JSON, STUDENT, SUMMARY_JSON, SWEEP, TEACHER,
-                             RunDir, atomic_path, sha256_file, write_json_atomic, write_text_atomic)
+                             RunDir, sha256_file, write_json_atomic, write_text_atomic)
 from pipeline.training import study
 from pipeline.training.distill import distill_student
 from pipeline.training.teachers import shipped_teacher
@@ -177,8 +176,9 @@ def stage_eval(cfg: Config, run: RunDir, teacher: Path, student: Path, *, force:
         results = eval_models(cfg, {f"teacher ({teacher.name})": teacher, f"student ({student.name})": student},
                                progress)
         tables = "\n\n".join(format_table(r["rows"], f"{r['model']} on {r['data']}, x{r['scale']}") for r in results)
-        write_json_atomic(out, results)
-        write_text_atomic(run.path(EVAL_MD), tables + "\n")
+        with run.staged() as tmp:
+            write_json_atomic(tmp / EVAL_JSON, results)
+            write_text_atomic(tmp / EVAL_MD, tables + "\n")
         run.record("eval", key, config, [teacher, student], [EVAL_JSON, EVAL_MD])
         print(tables)
     bicubic = results[0]["mean"]["psnr_y"]
@@ -209,14 +209,14 @@ def stage_ablate(cfg: Config, run: RunDir, teacher: Path, methods: list[str], se
                   progress=progress, target=cfg.distill.method)
 
 
-def stage_sweep(cfg: Config, run: RunDir, teacher: Path, grid: list[str], seeds: list[int], *, name: str = SWEEP,
-                resume: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Distil `cfg.distill.method` at every point of `grid` (all combinations) and `none`, per seed, and compare them
-    on the validation split (held out of training; never the eval set): `<run>/<name>.{json,md,png}`.
+def stage_sweep(cfg: Config, run: RunDir, teacher: Path, axes: dict[str, list[str]], seeds: list[int], *,
+                name: str = SWEEP, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """Distil `cfg.distill.method` at every point of the grid `axes` (`study.parse_grid`; all combinations) and `none`,
+    per seed, and compare them on the validation split (held out of training; never the eval set):
+    `<run>/<name>.{json,md,png}`.
 
     Students go to `<run>/sweep/<key><value>-...-seed<k>.pt`.
     """
-    axes = study.parse_grid(grid)
     variants = {study.BASELINE: dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="none"))}
     for values in itertools.product(*axes.values()):
         point = dict(zip(axes, values))
@@ -271,12 +271,9 @@ def stage_export(cfg: Config, run: RunDir, student: Path, *, force: bool = False
         return fp32, fp16
     model = load_model(student, cfg.scale)
     export.check_student_of_run(cfg, run, student, force)
-    run.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run.root, prefix=".export-") as tmp:
-        result = export.export_checked(cfg, model, sha256_file(student), Path(tmp))
-        for path in (fp32, fp16):
-            os.replace(Path(tmp) / path.name, path)
-    write_json_atomic(run.path(EXPORT_JSON), result)
+    with run.staged() as tmp:
+        result = export.export_checked(cfg, model, sha256_file(student), tmp)
+        write_json_atomic(tmp / EXPORT_JSON, result)
     run.record("export", key, config, [student], outputs)
     log.info("export: %s, %s", fp32, fp16)
     return fp32, fp16
@@ -305,13 +302,14 @@ def stage_quantize(cfg: Config, run: RunDir, fp32: Path, fp16: Path, *, calib: P
     else:
         data = quantize.load_calibration(calib, q.calib_count, q.calib_crop, cfg.scale)
     trt_proto, cpu_proto, result = quantize.int8_models(cfg, fp32, fp16, data, progress)
-    export.save(trt_proto, run.path(ONNX["int8"]))
-    export.save(cpu_proto, run.path(ONNX["int8-cpu"]))
-    if calib is None or calib.resolve() != run.path(CALIB).resolve():
-        with atomic_path(run.path(CALIB)) as tmp_calib, open(tmp_calib, "wb") as f:
-            np.savez(f, **data)
-    write_json_atomic(run.path(QUANT_JSON), result)
-    write_text_atomic(run.path(QUANT_MD), quantize.format_result(result))
+    with run.staged() as tmp:
+        export.save(trt_proto, tmp / ONNX["int8"])
+        export.save(cpu_proto, tmp / ONNX["int8-cpu"])
+        if calib is None or calib.resolve() != run.path(CALIB).resolve():
+            with open(tmp / CALIB, "wb") as f:
+                np.savez(f, **data)
+        write_json_atomic(tmp / QUANT_JSON, result)
+        write_text_atomic(tmp / QUANT_MD, quantize.format_result(result))
     run.record("quantize", key, config, inputs, outputs)
     for r in (result["tensorrt"], result["cpu"]):
         (log.info if r["reached"] else log.warning)(
@@ -373,8 +371,9 @@ def stage_verify(cfg: Config, run: RunDir, *, require: list[str] = (), force: bo
             report["passed"] = report["passed"] and gate["status"] != "fail"
         written = run.writable()
         if written:
-            write_json_atomic(out, report)
-            write_report(run.root, report, crops)
+            with run.staged() as tmp:
+                write_json_atomic(tmp / REPORT_JSON, report)
+                write_report(tmp, report, crops)
             run.record("verify", key, config, inputs, [REPORT_JSON, *REPORT_FILES])
         else:
             log.warning("verify: %s is read-only: the report is printed, not written", run.root)

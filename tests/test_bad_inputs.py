@@ -278,13 +278,13 @@ def test_verify_and_bundle_work_on_a_read_only_run(exported_run, tmp_path, capsy
 
 def test_temporaries_of_a_killed_writer_are_removed_on_the_next_start(exported_run, tmp_path):
     run = _copy(exported_run, tmp_path)
-    (run / ".export-k1ll3d").mkdir()
-    (run / ".export-k1ll3d" / "student.fp32.onnx").write_bytes(b"half")
+    (run / ".stage-k1ll3d").mkdir()
+    (run / ".stage-k1ll3d" / "student.fp32.onnx").write_bytes(b"half")
     (run / ".student.int8.onnx.abc.tmp").write_bytes(b"half")
     (run / "student").mkdir()
     (run / "student" / ".last.pt.x.tmp").write_bytes(b"half")
     assert main(["-q", "export", "--run-dir", str(run)]) == 0
-    assert not list(run.glob(".export-*")) and not list(run.rglob("*.tmp"))
+    assert not list(run.glob(".stage-*")) and not list(run.rglob("*.tmp"))
 
 
 # --- 7. images too small for the scale or the SSIM window ---------------------------------------------------------
@@ -464,6 +464,13 @@ def test_more_bad_paths_end_in_one_error_line(exported_run, photos, tmp_path, ca
     assert main(["-q", "upscale", str(photos), "--out", str(exported_run), "--run-dir", str(exported_run)]) == 2
     assert "is a run directory" in _error(capsys)
     assert afile.read_text() == "keep"
+    before = _digests(exported_run)
+    for inside in ("student", "deep/er"):
+        out = exported_run / inside
+        assert main(["-q", "upscale", str(photos), "--out", str(out), "--run-dir", str(exported_run)]) == 2
+        assert "is inside the run directory" in _error(capsys)
+        assert not out.exists()
+    assert _digests(exported_run) == before
 
 
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(exported_run, tmp_path, capsys):
@@ -471,3 +478,190 @@ def test_a_manifest_of_the_wrong_shape_is_a_clear_error(exported_run, tmp_path, 
     (run / "manifest.json").write_text("[]")
     assert main(["-q", "export", "--run-dir", str(run)]) == 2
     assert "manifest.json is corrupt" in _error(capsys)
+
+
+# --- no flag deletes what it did not make; crashes are named; modes follow the umask ---------------------------------
+
+def test_budget_bundle_force_never_replaces_what_is_not_a_probe_folder(exported_run, tmp_path, capsys):
+    run = _copy(exported_run, tmp_path)
+    before = _digests(run)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    for target in (run, user):
+        assert main(["-q", "budget", "--bundle", str(target), "--force"]) == 2
+        assert "not a probe folder" in _error(capsys)
+    assert _digests(run) == before and (user / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # no staging folder left beside them
+
+
+def test_replaceable_folder_is_recognised_by_its_marker_only(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.rundir import check_replaceable, is_own_folder
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "m.json").write_text(json.dumps({"format": "f/1"}))
+    assert is_own_folder(ours, "m.json", "f/1") and not is_own_folder(ours, "m.json", "f/2")
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    assert not is_own_folder(link, "m.json", "f/1")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "m.json").write_text("[1, 2]")
+    assert not is_own_folder(tmp_path / "bad", "m.json", "f/1")
+    check_replaceable(ours, force=True, marker="m.json", fmt="f/1", what="x", option="--o")
+    check_replaceable(tmp_path / "new", force=False, marker="m.json", fmt="f/1", what="x", option="--o")
+    for folder, force, message in ((ours, False, "already exists"), (link, True, "not x"),
+                                   (tmp_path / "bad", True, "not x")):
+        with pytest.raises(UserError, match=message):
+            check_replaceable(folder, force=force, marker="m.json", fmt="f/1", what="x", option="--o")
+
+
+def test_an_unexpected_exception_is_named_logged_and_exits_70(tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+    from pipeline.errors import INTERNAL_ERROR
+
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "_run", broken)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert main(["-q", "config", "--show"]) == INTERNAL_ERROR == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("internal error: KeyError: 'boom'; please report it"), err
+    (log,) = tmp_path.glob("facd-pipeline-error-*.log")
+    assert str(log) in err[0] and "Traceback" in log.read_text() and "broken" in log.read_text()
+
+    def unreadable(args):
+        raise OSError(5, "Input/output error")  # not a full disk: ours to report, not exit 2
+
+    monkeypatch.setattr(cli, "_run", unreadable)
+    assert main(["-q", "config", "--show"]) == 70
+
+
+def test_files_and_folders_written_get_the_umask_mode(tmp_path):
+    from pipeline.rundir import RunDir, replace_folder, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        run = RunDir(tmp_path / "run")
+        with run.staged() as tmp:
+            (tmp / "b.txt").write_text("b")
+            (tmp / "sub").mkdir()
+            write_json_atomic(tmp / "sub" / "c.json", {})
+        staged = tmp_path / "stage" / "folder"
+        staged.mkdir(parents=True, mode=0o700)
+        replace_folder(staged, tmp_path / "out")
+        model = create_model("tiny_student", scale=2)
+        save_checkpoint(tmp_path / "m.pt", model)
+    finally:
+        os.umask(old)
+    modes = {p: p.stat().st_mode & 0o777 for p in (tmp_path / "a.json", run.root / "b.txt",
+                                                   run.root / "sub" / "c.json", tmp_path / "m.pt")}
+    assert set(modes.values()) == {0o644}, modes
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_stage_replaces_its_outputs_as_a_set_or_not_at_all(tmp_path):
+    from pipeline.rundir import RunDir, write_json_atomic
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "report.json").write_text("old report")
+    (run.root / "report.md").write_text("old table")
+    with pytest.raises(OSError, match="No space"):
+        with run.staged() as tmp:
+            write_json_atomic(tmp / "report.json", {"new": True})
+            raise OSError(28, "No space left on device")  # the disk fills while the second output is written
+    assert (run.root / "report.json").read_text() == "old report"
+    assert (run.root / "report.md").read_text() == "old table"
+    assert sorted(p.name for p in run.root.iterdir()) == ["report.json", "report.md"]
+    with run.staged() as tmp:
+        write_json_atomic(tmp / "report.json", {"new": True})
+        (tmp / "report.md").write_text("new table")
+    assert json.loads((run.root / "report.json").read_text()) == {"new": True}
+    assert (run.root / "report.md").read_text() == "new table"
+
+
+MANIFEST_EDITS = {
+    "artifact is a string": lambda m: m["artifacts"].update({"student.pt": "x"}),
+    "artifact lacks sha256": lambda m: m["artifacts"]["student.fp32.onnx"].pop("sha256"),
+    "sha256 not hex": lambda m: m["artifacts"]["student.fp32.onnx"].update({"sha256": 7}),
+    "stage without a key": lambda m: m["stages"]["export"].pop("key"),
+    "outputs null": lambda m: m["stages"]["export"].update({"outputs": None}),
+    "output not an artifact": lambda m: m["stages"]["export"].update({"outputs": ["nowhere.onnx"]}),
+    "stage a list": lambda m: m["stages"].update({"export": []}),
+}
+
+
+@pytest.mark.parametrize("edit", MANIFEST_EDITS)
+def test_a_hand_edited_manifest_is_bad_input_naming_the_entry(exported_run, tmp_path, capsys, edit):
+    run = _copy(exported_run, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    MANIFEST_EDITS[edit](manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    before = {k: v for k, v in _digests(run).items() if k != ".lock"}  # the lock file names its last holder
+    for command in (["export", "--run-dir", str(run)], ["bundle", "--run-dir", str(run), "--out",
+                                                         str(tmp_path / "deploy")]):
+        assert main(["-q", *command]) == 2, command
+        err = _error(capsys)
+        assert "manifest.json" in err and ("artifacts." in err or "stages." in err), err
+    assert {k: v for k, v in _digests(run).items() if k != ".lock"} == before and not (tmp_path / "deploy").exists()
+
+
+@pytest.mark.parametrize("shape", [{"channels": 10**9}, {"channels": 200_000}, {"blocks": 10**6},
+                                   {"channels": 1024, "blocks": 512}])
+def test_a_checkpoint_config_too_large_to_build_is_refused_before_allocating(tmp_path, photos, capsys, shape):
+    import torch
+
+    path = tmp_path / "huge.pt"
+    save_checkpoint(path, create_model("tiny_student", scale=4))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"].update(shape)
+    torch.save(ckpt, path)
+    for command in (["export", "--run-dir", str(tmp_path / "run"), "--student", str(path)],
+                    ["upscale", str(photos), "--out", str(tmp_path / "out"), "--model", str(path)]):
+        assert main(["-q", *command]) == 2
+        err = _error(capsys)
+        assert "huge.pt" in err and ("channels" in err or "blocks" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_as_the_student_is_bad_input(tmp_path, capsys):
+    (tmp_path / "x.pt").mkdir()
+    assert main(["-q", "export", "--run-dir", str(tmp_path / "run"), "--student", str(tmp_path / "x.pt")]) == 2
+    assert "x.pt" in _error(capsys)
+
+
+@pytest.mark.parametrize("command", [["ablate", "--seeds", "0", "0"], ["ablate", "--seeds", "1", "-1"],
+                                     ["sweep", "--grid", "distill.lambda_fd=0.1", "--grid", "distill.lambda_fd=0.3"],
+                                     ["sweep", "--grid", "distill.lambda_fd=0.1,0.1"],
+                                     ["sweep", "--grid", "distill.lambda_fd=0.1,,0.3"],
+                                     ["sweep", "--grid", "distill.lambda_fd=0.1", "--seeds", "2", "2"]])
+def test_duplicate_seeds_and_grid_points_are_refused_before_any_training(tmp_path, capsys, command):
+    assert main(["-q", *command, "--run-dir", str(tmp_path / "run")]) == 2
+    err = _error(capsys)
+    assert any(word in err for word in ("more than once", "twice", ">= 0", "KEY=V1")), err
+    assert not (tmp_path / "run" / "ablate").exists() and not (tmp_path / "run" / "sweep").exists()
+
+
+def test_a_full_disk_during_verify_force_leaves_every_old_output_and_says_so(exported_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    from pipeline.evaluation import report
+
+    run = _copy(exported_run, tmp_path)
+    assert main(["-q", "verify", "--run-dir", str(run), *FAST]) in (0, 1)
+    capsys.readouterr()
+    before = {k: v for k, v in _digests(run).items() if k != ".lock"}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "latency.png")
+
+    monkeypatch.setattr(report, "_plot_latency", full)  # report.json and report.md are written by then
+    assert main(["-q", "verify", "--run-dir", str(run), "--force", *FAST]) == 2
+    assert "the disk is full" in _error(capsys)
+    assert {k: v for k, v in _digests(run).items() if k != ".lock"} == before
+    assert not list(run.glob(".stage-*"))

@@ -27,8 +27,9 @@ from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from conftest import SMALL_CALIB
 
-SMALL_GRID = ["--set", "budget.blocks=[1]", "--set", "budget.channels=[4, 8]", "--set", "budget.repeats=2",
-              "--set", "budget.warmup=0", "--frame", "64x48"]
+# tiny_student's grid (not the default student's): the tests below count its parameters and name its head.
+SMALL_GRID = ["--set", 'model.student="tiny_student"', "--set", "budget.blocks=[1]", "--set", "budget.channels=[4, 8]",
+              "--set", "budget.repeats=2", "--set", "budget.warmup=0", "--frame", "64x48"]
 
 
 def _row(name: str, blocks: int, channels: int, params: int, p95: float) -> dict:
@@ -282,8 +283,8 @@ def test_with_no_shape_of_the_preferred_family_fitting_the_next_family_is_chosen
 def test_the_grid_covers_every_student_family_and_the_choice_sets_the_preset(tmp_path):
     cfg = load_config(overrides=['budget.students=["anchor_m", "tiny_student"]', "budget.blocks=[3]",
                                  "budget.channels=[8]", "budget.budget_ms=100"])
-    assert [(c["name"], c["preset"]) for c in budget.candidates(cfg)] == [("anchor_m-b3c8", "anchor_m"),
-                                                                           ("b3c8", "tiny_student")]
+    assert [(c["name"], c["preset"]) for c in budget.candidates(cfg)] == [("b3c8", "anchor_m"),  # the default's
+                                                                           ("tiny_student-b3c8", "tiny_student")]
     chosen = budget.student_for_budget(cfg, _family_table(), tmp_path)
     assert (chosen.model.student, chosen.model.student_blocks, chosen.model.student_channels) == ("anchor_m", 5, 28)
     with pytest.raises(UserError, match=r"budget.students\[1\]"):

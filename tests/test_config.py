@@ -74,3 +74,27 @@ def test_toml_round_trip(preset, tmp_path):
     f = tmp_path / "c.toml"
     f.write_text(text)
     assert load_config("tiny", f) == cfg
+
+
+def test_config_show_is_toml_that_loads_back_for_any_string():
+    import dataclasses
+    import tomllib
+
+    from pipeline.config import load_config, to_toml
+
+    cfg = load_config()
+    for text in ("a\nb", 'quote " and \\ back', "tab\tcr\r", "del\x7fbell\x07", "ünïcødé ✓", "'single'"):
+        odd = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=text))
+        assert tomllib.loads(to_toml(odd))["data"]["train"] == text
+
+
+def test_sizes_are_bounded_before_anything_is_allocated(capsys):
+    from pipeline.cli import main
+    from pipeline.config import MAX_SIDE, parse_size
+
+    assert parse_size(f"{MAX_SIDE}x1") == (1, MAX_SIDE)
+    for text in (f"{MAX_SIDE + 1}x10", f"10x{10**9}", "0x10", "10x-1"):
+        with pytest.raises(UserError, match="from 1 to 8192"):
+            parse_size(text)
+    assert main(["-q", "budget", "--frame", "100000x100000"]) == 2
+    assert "from 1 to 8192" in capsys.readouterr().err

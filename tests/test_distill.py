@@ -70,7 +70,7 @@ def test_teacher_of_another_scale_or_too_many_taps(tmp_path, teacher):
         distill_student(small_config("scale=2"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
                         progress=False)
     with pytest.raises(UserError, match="distill.taps"):
-        distill_student(small_config("distill.taps=5"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
+        distill_student(small_config("distill.taps=6"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
                         progress=False)
 
 

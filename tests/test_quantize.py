@@ -376,3 +376,21 @@ def test_cpu_model_is_exact_under_avx2_arithmetic_on_any_cpu(setup, tmp_path):
         if not np.array_equal(vpmaddubsw_matmul(cols, w8), cols.astype(np.int64) @ w8.astype(np.int64)):
             saturated_8bit.append(name)
     assert saturated_8bit  # the oracle does see what 8-bit weights would suffer on AVX2
+
+
+def test_cpu_model_of_an_anchor_net_runs_no_float_op_between_its_integer_kernels(tmp_path):
+    """The anchor family's CPU INT8 model, as ONNX Runtime's CPU provider optimizes it: every Conv an integer kernel
+    with its Relu gone into the output range, the anchor's Concat and Add integer kernels, and float only at the two
+    ends (one QuantizeLinear of the input, one DequantizeLinear of the output)."""
+    torch.manual_seed(0)
+    model = create_model("anchor_s", scale=2, folded=True).eval()
+    fp32 = tmp_path / "anchor.fp32.onnx"
+    export.export_fp32(model, fp32, export.model_meta(model, "", ""), simplify=True)
+    lr = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    proto = quantize.cpu_twin_quantizer(fp32, lr, "minmax", 99.99, tmp_path)({n.name for n in export.conv_nodes(
+        onnx.load(str(fp32)))})
+    _session(proto, optimized=str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 5 and "Relu" not in ops and "Conv" not in ops and "FusedConv" not in ops, ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+    assert {"QLinearAdd", "QLinearConcat"} <= set(ops), ops

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, report_internal_error
 
 DEB_SHA256 = {
     "lomiri-wallpapers-16.04_20.04.0-2_all.deb":
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - ours: named, logged, never exit 1 or 2
+        return report_internal_error(e)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from pipeline.deploy.runtime import copy_runtime
 from pipeline.errors import UserError
 from pipeline.machine import machine
 from pipeline.plots import pyplot, save_figure
-from pipeline.rundir import BUDGET_JSON, BUDGET_PNG, LATENCY_JSON, ONNX, PLANS, versions, write_json_atomic
+from pipeline.rundir import (BUDGET_JSON, BUDGET_PNG, LATENCY_JSON, ONNX, PLANS, atomic_path, check_replaceable,
+                             replace_folder, versions, write_json_atomic)
 
 log = logging.getLogger("pipeline")
 
@@ -191,8 +192,8 @@ def make_probe_folder(cfg: Any, out: Path, *, force: bool = False, progress: boo
     """`pipeline budget --bundle OUT`: the probe folder for a device that cannot train; an existing OUT is replaced
     only with `force`, once the new folder is complete."""
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another --bundle folder, or pass --force to replace it")
+    check_replaceable(out, force=force, marker=PROBE_JSON, fmt=PROBE_FORMAT, what="a probe folder",
+                      option="--bundle folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / out.name
@@ -201,9 +202,7 @@ def make_probe_folder(cfg: Any, out: Path, *, force: bool = False, progress: boo
         (stage / "Makefile").write_text(MAKEFILE)
         (stage / "README.md").write_text(README.format(count=len(probe["candidates"]), scale=cfg.scale,
                                                        frame=cfg.budget.frame, precision=cfg.budget.precision))
-        if out.exists():
-            os.replace(out, Path(tmp) / "replaced")
-        os.replace(stage, out)
+        replace_folder(stage, out)
     return out
 
 
@@ -235,12 +234,14 @@ def choose(table: dict[str, Any], budget_ms: float, margin: float, order: list[s
 
 def write_budget(out_dir: Path, table: dict[str, Any], budget_ms: float, margin: float,
                  choice: dict[str, Any] | None) -> Path:
-    """`budget.json` (the table, the budget and the choice) and `budget.png` in `out_dir`."""
+    """`budget.json` (the table, the budget and the choice) and `budget.png` in `out_dir`, as a pair: neither
+    replaces an earlier one unless both are written."""
     out = Path(out_dir) / BUDGET_JSON
-    write_json_atomic(out, {"budget_ms": budget_ms or None, "margin": margin,
-                            "limit_ms": budget_ms * (1 - margin) if budget_ms else None, "capacity": CAPACITY,
-                            "choice": choice, "table": table})
-    _plot(Path(out_dir) / BUDGET_PNG, table, budget_ms, margin, choice)
+    with atomic_path(out) as tmp_json, atomic_path(Path(out_dir) / BUDGET_PNG) as tmp_png:
+        write_json_atomic(tmp_json, {"budget_ms": budget_ms or None, "margin": margin,
+                                     "limit_ms": budget_ms * (1 - margin) if budget_ms else None,
+                                     "capacity": CAPACITY, "choice": choice, "table": table})
+        _plot(tmp_png, table, budget_ms, margin, choice)
     return out
 
 

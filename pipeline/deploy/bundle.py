@@ -31,7 +31,8 @@ from pipeline.deploy.edge import BUNDLE_JSON, FORMAT, GOLDEN_JSON, PLANS_DIR
 from pipeline.errors import UserError
 from pipeline.metrics import psnr_y
 from pipeline.modelio import load_model
-from pipeline.rundir import CALIB, MANIFEST, ONNX, STUDENT, sha256_file, versions
+from pipeline.rundir import (CALIB, MANIFEST, ONNX, STUDENT, check_replaceable, load_manifest, replace_folder,
+                             sha256_file, umask_mode, versions)
 from pipeline.convert.export import check_models_of_student
 from pipeline.deploy.runtime import copy_runtime
 
@@ -105,8 +106,9 @@ Each precision runs the golden LR images and must stay within its gate of PyTorc
 `edge_report.json` gets every row: backend, precision, model, Y-PSNR against HR and its delta to PyTorch, the gate,
 Y-PSNR against the PyTorch outputs (per image and the worst), latency per size (TensorRT: also the engine alone),
 the machine and the versions. Exit 0: every row passed; 1: a gate failed or TensorRT was required and is missing;
-2: the bundle is incomplete or corrupt (the files are named), or nothing here can run the models (make shows
-exit codes as its own "Error N").
+2: the bundle is incomplete or corrupt (the file and field are named), or nothing here can run the models; 70: an
+internal error (the traceback is in the log file it names: please report it). make shows exit codes as its own
+"Error N".
 
 ## Which INT8 model for which device
 - `student.int8.onnx`: TensorRT (Jetson, NVIDIA GPUs). Signed symmetric, the form TensorRT takes.
@@ -127,15 +129,13 @@ def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, 
         raise UserError(f"--out {out} would replace the run directory {run_root}; choose another folder")
     if out.is_relative_to(run_root.resolve()):
         raise UserError(f"--out {out} is inside the run directory {run_root}; choose a folder outside it")
-    existing = [str(p) for p in (out, tarball) if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise UserError(f"{' and '.join(existing)} already exist{'s' * (len(existing) == 1)}; choose another --out, "
-                        "or pass --force to replace")
-    foreign = [str(p) for p, ours in ((out, _is_bundle), (tarball, _is_bundle_tarball))
-               if (p.exists() or p.is_symlink()) and not ours(p)]
-    if foreign:
-        raise UserError(f"{' and '.join(foreign)}: not a bundle (no {BUNDLE_JSON} of {FORMAT}); --force replaces only "
-                        "an earlier bundle, never other files: choose another --out")
+    check_replaceable(out, force=force, marker=BUNDLE_JSON, fmt=FORMAT, what="a bundle", option="--out")
+    if tarball.exists() or tarball.is_symlink():
+        if not force:
+            raise UserError(f"{tarball} already exists; choose another --out, or pass --force to replace it")
+        if not _is_bundle_tarball(tarball):
+            raise UserError(f"{tarball}: not a bundle (no {BUNDLE_JSON} of {FORMAT}); --force replaces only an "
+                            "earlier bundle, never other files: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage, packed = Path(tmp) / out.name, Path(tmp) / tarball.name
@@ -143,21 +143,11 @@ def make_bundle(cfg: Config, run_root: Path, out: Path, *, force: bool = False, 
         say("bundle: packing %s", tarball)
         with tarfile.open(packed, "w:gz") as tar:
             tar.add(stage, arcname=out.name)
-        if out.exists():
-            os.replace(out, Path(tmp) / "replaced")  # removed with the temporary folder
-        os.replace(stage, out)
+        replace_folder(stage, out)
         os.replace(packed, tarball)
+        os.chmod(tarball, umask_mode())
     say("bundle: %s and %s (%.1f MB)", out, tarball, tarball.stat().st_size / 1e6)
     return tarball
-
-
-def _is_bundle(path: Path) -> bool:
-    """A folder that an earlier `make_bundle` wrote: it holds our `bundle.json`."""
-    try:
-        return (not path.is_symlink() and path.is_dir()
-                and json.loads((path / BUNDLE_JSON).read_text()).get("format") == FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _is_bundle_tarball(path: Path) -> bool:
@@ -175,10 +165,7 @@ def _check_run(run_root: Path) -> None:
     missing = [f"{name} (made by `{cmd}`)" for name, cmd in REQUIRED.items() if not (run_root / name).is_file()]
     if missing:
         raise UserError(f"cannot bundle {run_root}: missing {', '.join(missing)}")
-    try:
-        recorded = json.loads((run_root / MANIFEST).read_text())["artifacts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{run_root / MANIFEST} is corrupt ({e}); redo the run's last stage") from None
+    recorded = load_manifest(run_root / MANIFEST)["artifacts"]
     changed = [name for name in REQUIRED if name in recorded and (run_root / name).is_file()
                and sha256_file(run_root / name) != recorded[name]["sha256"]]
     if changed:

@@ -10,8 +10,12 @@ else OpenVINO (FP32 and INT8, on the CPU); else ONNX Runtime on the CPU (FP32, F
 uses `student.int8-cpu.onnx`. Each precision runs the golden LR images: Y-PSNR
 against the PyTorch FP32 outputs (parity) and against HR, whose difference to PyTorch's own Y-PSNR on HR must stay
 within the bundle's gate; then latency at the bundle's LR sizes, one runner alive at a time. A table on stdout and
-`edge_report.json`; exit 0 when every row passes, 1 on a failed gate (or `--require trt` without TensorRT), 2 on a
-missing or corrupt bundle.
+`edge_report.json`. It runs and hashes exactly the files `bundle.json` lists (regular files inside the bundle, no
+symbolic links), `golden/golden.json` and every model a row runs among them.
+
+Exit codes: 0 every row passed; 1 a gate failed (or `--require trt` without TensorRT); 2 bad input: a missing or
+corrupt bundle, one line `error: <file>: <field> ...`; 70 an internal error (an unexpected exception: one line, the
+traceback in a log file it names); 130 interrupted.
 
 Imports numpy, Pillow and, lazily, onnxruntime or tensorrt + cuda-python; nothing else outside the standard library
 (Python 3.10 and later, as on JetPack 6).
@@ -23,22 +27,25 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import platform
+import stat
 import statistics
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.backends.base import Runner, latency
-from pipeline.config import EngineSection, validate_engine_section
+from pipeline.config import EngineSection, parse_size, validate_engine_section
 from pipeline.data.imageio import read_rgb
-from pipeline.errors import GateFailed, UserError
+from pipeline.errors import GateFailed, UserError, report_internal_error
 from pipeline.metrics import psnr_y
 from pipeline.rundir import ONNX, sha256_file, versions, write_json_atomic
 
@@ -51,6 +58,20 @@ OPENVINO_PRECISIONS = ("fp32", "int8")  # OpenVINO's rows (INT8: the CPU model; 
 PLANS_DIR = "plans"
 TRT_PRECISIONS = ("fp16", "int8")
 BUNDLE_KEYS = ("scale", "gates", "latency_sizes", "warmup", "repeats", "engine", "files")
+MAX_REPEATS = 10000  # of warmup and repeats
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """`bundle.json`, checked (`load_bundle`)."""
+
+    scale: int  # 2, 3 or 4
+    gates: dict[str, float]  # each of PRECISIONS -> the largest |Y-PSNR delta| (dB) to PyTorch FP32 it may have
+    latency_sizes: list[str]  # LR WxH
+    warmup: int
+    repeats: int
+    engine: EngineSection  # the TensorRT settings, the timing cache a path inside the bundle
+    files: dict[str, str]  # every file checked: name relative to the bundle -> sha256
 
 
 @dataclass
@@ -62,53 +83,193 @@ class Golden:
     psnr_y: float  # of `sr` against `hr`
 
 
-def load_bundle(root: Path) -> dict[str, Any]:
-    """`bundle.json`, once every file it lists is present with its sha256; a UserError naming what is not."""
+def load_bundle(root: Path) -> Bundle:
+    """`bundle.json`, once every file it lists is a regular file inside the bundle with its sha256 (golden.json among
+    them) and every field has its type and range; a UserError naming the file and the field if not."""
     path = root / BUNDLE_JSON
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{root} is not a bundle: it has no {BUNDLE_JSON} (make one with `pipeline bundle`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); extract the bundle again") from None
+    if not path.is_file():
+        raise UserError(f"{root} is not a bundle: it has no {BUNDLE_JSON} (make one with `pipeline bundle`)")
+    info = _read_json(path)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} description; make the bundle again with `pipeline bundle`")
+        raise UserError(f"{path}: format: not a {FORMAT} description; make the bundle again with `pipeline bundle`")
     missing_keys = [k for k in BUNDLE_KEYS if k not in info]
     if missing_keys:
-        raise UserError(f"{path} lacks {', '.join(missing_keys)}; make the bundle again with `pipeline bundle`")
-    if not isinstance(info["files"], dict):
-        raise UserError(f"{path}: 'files' is not a table of names and sha256; make the bundle again")
-    outside = [str(name) for name in info["files"] if not _inside(root, name)]
+        raise UserError(f"{path}: {', '.join(missing_keys)}: missing; make the bundle again with `pipeline bundle`")
+    files = _checked_files(root, path, info["files"])
+    gates, sizes = info["gates"], info["latency_sizes"]
+    if not isinstance(gates, dict):
+        raise UserError(f"{path}: gates: expected a table of precisions and dB, got {_show(gates)}")
+    if not isinstance(sizes, list):
+        raise UserError(f"{path}: latency_sizes: expected a list of LR sizes WxH, got {_show(sizes)}")
+    for i, size in enumerate(sizes):
+        if not isinstance(size, str):
+            raise UserError(f"{path}: latency_sizes[{i}]: expected an LR size WxH, got {_show(size)}")
+        parse_size(size, f"{path}: latency_sizes[{i}]")
+    return Bundle(scale=_int(path, "scale", info["scale"], 2, 4),
+                  gates={p: _number(path, f"gates.{p}", _get(path, gates, p, "gates.")) for p in PRECISIONS},
+                  latency_sizes=sizes, warmup=_int(path, "warmup", info["warmup"], 0, MAX_REPEATS),
+                  repeats=_int(path, "repeats", info["repeats"], 1, MAX_REPEATS),
+                  engine=_engine_section(root, path, info["engine"]), files=files)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); extract the bundle again") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer of more than 4300 digits
+        raise UserError(f"{path}: not JSON ({e}); extract the bundle again") from None
+
+
+def _checked_files(root: Path, path: Path, files: object) -> dict[str, str]:
+    """`files` of bundle.json, once each is a regular file inside the bundle with its sha256."""
+    if not isinstance(files, dict):
+        raise UserError(f"{path}: files: expected a table of names and sha256, got {_show(files)}; make the bundle "
+                        "again")
+    outside = [_show(name) for name in files if not _inside(root, name)]
     if outside:
-        raise UserError(f"{path} lists files outside the bundle ({', '.join(outside)}); refusing to read them")
-    missing = [name for name in info["files"] if not (root / name).is_file()]
-    changed = [name for name, digest in info["files"].items()
-               if name not in missing and sha256_file(root / name) != digest]
+        raise UserError(f"{path}: files: lists files outside the bundle ({', '.join(outside)}); refusing to read them")
+    kinds = {name: _kind(root, name) for name in files}
+    linked = [name for name, kind in kinds.items() if kind == "link"]
+    if linked:
+        raise UserError(f"{path}: files: {', '.join(linked)}: reached through a symbolic link; every file listed must "
+                        "be a regular file of the bundle (extract it again)")
+    missing = [name for name, kind in kinds.items() if kind == "missing"]
+    changed = [name for name, digest in files.items() if name not in missing and sha256_file(root / name) != digest]
     if missing or changed:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"sha256 differs: {', '.join(changed)}"] if changed else [])
-        raise UserError(f"bundle {root} is incomplete or corrupt ({'; '.join(problems)}); extract it again")
-    return info
+        raise UserError(f"{path}: files: the bundle is incomplete or corrupt ({'; '.join(problems)}); extract it again")
+    if GOLDEN_JSON not in files:
+        raise UserError(f"{path}: files: does not list {GOLDEN_JSON}; make the bundle again with `pipeline bundle`")
+    return files
 
 
 def _inside(root: Path, name: object) -> bool:
-    """`name` is a relative path that stays inside `root`, symbolic links resolved."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    """`name` is a printable relative path that stays inside `root`, symbolic links resolved."""
+    if (not isinstance(name, str) or not name or not name.isprintable() or Path(name).is_absolute()
+            or ".." in Path(name).parts):
         return False
-    return (root / name).resolve().is_relative_to(root.resolve())
+    try:
+        return (root / name).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symbolic link loop
+        return False
 
 
-def load_golden(root: Path, files: dict[str, str]) -> list[Golden]:
-    """The golden images; each one must be a file that `bundle.json` lists (and so was checked)."""
-    golden = json.loads((root / GOLDEN_JSON).read_text())
-    base = (root / GOLDEN_JSON).parent
-    folder = Path(GOLDEN_JSON).parent.as_posix()
-    unlisted = [str(g[k]) for g in golden["images"] for k in ("lr", "sr_fp32", "hr") if f"{folder}/{g[k]}" not in files]
-    if unlisted:
-        raise UserError(f"{root / GOLDEN_JSON} names files that {BUNDLE_JSON} does not list ({', '.join(unlisted)}); "
-                        "extract the bundle again")
-    return [Golden(g["name"], read_rgb(base / g["lr"]), read_rgb(base / g["sr_fp32"]), read_rgb(base / g["hr"]),
-                   g["psnr_y"]) for g in golden["images"]]
+def _kind(root: Path, name: str) -> str:
+    """"file": a regular file with no symbolic link on the way from `root`; "link": one on the way; else "missing"."""
+    path, mode = root, 0
+    try:
+        for part in Path(name).parts:
+            path = path / part
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                return "link"
+    except OSError:
+        return "missing"
+    return "file" if stat.S_ISREG(mode) else "missing"
+
+
+def _engine_section(root: Path, path: Path, engine: object) -> EngineSection:
+    """The TensorRT settings, of the config's types and ranges; the timing cache made a path inside the bundle."""
+    if not isinstance(engine, dict):
+        raise UserError(f"{path}: engine: expected a table of TensorRT settings, got {_show(engine)}")
+    hints = typing.get_type_hints(EngineSection)
+    for key, value in engine.items():
+        if key not in hints:
+            raise UserError(f"{path}: engine.{key}: not an engine setting (known: {', '.join(hints)})")
+        tp, literal = hints[key], typing.get_origin(hints[key]) is Literal
+        if value not in typing.get_args(tp) if literal else type(value) is not tp:
+            expected = f"one of {list(typing.get_args(tp))}" if literal else tp.__name__
+            raise UserError(f"{path}: engine.{key}: expected {expected}, got {_show(value)}")
+    sec = EngineSection(**engine)
+    try:
+        validate_engine_section(sec)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    if sec.timing_cache:  # relative to the bundle, whatever the working directory, and inside it
+        if not _inside(root, sec.timing_cache):
+            raise UserError(f"{path}: engine.timing_cache: {sec.timing_cache!r} is outside the bundle")
+        sec.timing_cache = str(root / sec.timing_cache)
+    return sec
+
+
+def _get(path: Path, table: dict[str, Any], key: str, where: str = "") -> Any:
+    """`table[key]`; a UserError naming `where` + `key` where it is missing."""
+    if key not in table:
+        raise UserError(f"{path}: {where}{key}: missing")
+    return table[key]
+
+
+def _int(path: Path, key: str, value: object, low: int, high: int) -> int:
+    """An integer (not a bool) from `low` to `high`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{path}: {key}: expected an integer from {low} to {high}, got {_show(value)}")
+    return value
+
+
+def _number(path: Path, key: str, value: object) -> float:
+    """A finite number >= 0."""
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    except OverflowError:  # an integer beyond the floats
+        ok = False
+    if not ok:
+        raise UserError(f"{path}: {key}: expected a finite number >= 0, got {_show(value)}")
+    return float(value)
+
+
+def _show(value: object) -> str:
+    """`value` as JSON on one line, cut at 60 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_golden(root: Path, bundle: Bundle) -> list[Golden]:
+    """The golden images of golden.json: each one a file that `bundle.json` lists (and so was checked), the PyTorch
+    output and HR exactly `bundle.scale` x the LR; a UserError naming the file and the field if not."""
+    path = root / GOLDEN_JSON
+    golden = _read_json(path)
+    if not isinstance(golden, dict):
+        raise UserError(f"{path}: expected a table with the golden images, got {_show(golden)}; extract the bundle "
+                        "again")
+    images = _get(path, golden, "images")
+    if not isinstance(images, list) or not images:
+        raise UserError(f"{path}: images: expected a list of golden images, got {_show(images)}")
+    return [_golden(root, bundle, f"images[{i}]", entry) for i, entry in enumerate(images)]
+
+
+def _golden(root: Path, bundle: Bundle, where: str, entry: object) -> Golden:
+    path, folder = root / GOLDEN_JSON, Path(GOLDEN_JSON).parent
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: {where}: expected a table of name, lr, sr_fp32, hr and psnr_y, got {_show(entry)}")
+    name = _get(path, entry, "name", f"{where}.")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{path}: {where}.name: expected a name, got {_show(name)}")
+    psnr = _number(path, f"{where}.psnr_y", _get(path, entry, "psnr_y", f"{where}."))
+    images = []
+    for key in ("lr", "sr_fp32", "hr"):
+        file = _get(path, entry, key, f"{where}.")
+        listed = (folder / file).as_posix() if isinstance(file, str) else None
+        if listed not in bundle.files:
+            raise UserError(f"{path}: {where}.{key}: {_show(file)} is not a file that {BUNDLE_JSON} lists")
+        try:
+            images.append(read_rgb(root / listed))
+        except UserError as e:
+            raise UserError(f"{path}: {where}.{key}: {e}") from None
+    lr, sr, hr = images
+    (h, w), s = lr.shape[:2], bundle.scale
+    if not sr.shape == hr.shape == (h * s, w * s, 3):
+        k = hr.shape[0] // h
+        if k in (2, 3, 4) and sr.shape == hr.shape == (h * k, w * k, 3):
+            raise UserError(f"{root / BUNDLE_JSON}: scale: {s}, but the golden images are x{k} ({where} of "
+                            f"{GOLDEN_JSON}: LR {w}x{h}, HR {hr.shape[1]}x{hr.shape[0]}); make the bundle again")
+        raise UserError(f"{path}: {where}: LR {w}x{h}, PyTorch output {sr.shape[1]}x{sr.shape[0]}, HR "
+                        f"{hr.shape[1]}x{hr.shape[0]}: the output and the HR must be exactly {s} x the LR (the scale "
+                        f"in {BUNDLE_JSON})")
+    if min(h, w) < 3:
+        raise UserError(f"{path}: {where}.lr: {w}x{h} is too small for a Y-PSNR (3x3 at least)")
+    return Golden(name, lr, sr, hr, psnr)
 
 
 def choose_backend(backend: str, require_trt: bool) -> tuple[str, str]:
@@ -144,31 +305,16 @@ def choose_backend(backend: str, require_trt: bool) -> tuple[str, str]:
     return f"onnxruntime-{device}", f"{why_not}verifying with ONNX Runtime ({PROVIDERS[device]})"
 
 
-def _engine_section(root: Path, info: dict[str, Any]) -> EngineSection:
-    try:
-        sec = EngineSection(**info["engine"])
-    except TypeError as e:
-        raise UserError(f"{root / BUNDLE_JSON}: bad engine section ({e})") from None
-    validate_engine_section(sec)
-    if sec.timing_cache:  # relative to the bundle, whatever the working directory, and inside it
-        if not _inside(root, sec.timing_cache):
-            raise UserError(f"{root / BUNDLE_JSON}: engine.timing_cache {sec.timing_cache!r} is outside the bundle")
-        sec.timing_cache = str(root / sec.timing_cache)
-    return sec
-
-
-def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str, str, Callable[[], Runner]]]:
+def candidates(root: Path, bundle: Bundle, backend: str) -> list[tuple[str, str, Callable[[], Runner]]]:
     """(precision, model file, how to make its runner) for every row of `backend`."""
     if backend == "tensorrt":
         from pipeline.backends.trt_runner import TrtRunner
         from pipeline.backends.trt_engine import build_engines
 
-        sec = _engine_section(root, info)
-
         def plan_runner(precision: str) -> Runner:
             log.info("%s: building or reusing the TensorRT plan in %s/ (minutes on a small device)", precision,
                      PLANS_DIR)
-            (plan,) = build_engines({precision: root / ONNX[precision]}, root / PLANS_DIR, sec, int(info["scale"]))
+            (plan,) = build_engines({precision: root / ONNX[precision]}, root / PLANS_DIR, bundle.engine, bundle.scale)
             return TrtRunner(plan)
 
         return [(p, ONNX[p], lambda p=p: plan_runner(p)) for p in TRT_PRECISIONS]
@@ -186,21 +332,20 @@ def candidates(root: Path, info: dict[str, Any], backend: str) -> list[tuple[str
 
 
 def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list[Golden],
-            info: dict[str, Any]) -> dict[str, Any]:
+            bundle: Bundle) -> dict[str, Any]:
     """One precision: outputs on the golden set, the gate, latency. A runner that cannot be made or run here (a plan
     TensorRT cannot build, say) is a failed row with its reason."""
-    scale, gate = int(info["scale"]), float(info["gates"][precision])
+    scale, gate = bundle.scale, bundle.gates[precision]
     row: dict[str, Any] = {"precision": precision, "model": model, "status": "fail", "reason": "", "psnr_y": None,
                            "delta_db": None, "gate_db": gate, "psnr_vs_golden": None, "latency_ms_p50": None,
                            "latency_ms_p95": None, "per_image": [], "throughput": []}
     try:
         runner = make()
         log.info("%s: %s on %d golden images, then latency at %s", precision, runner.name, len(golden),
-                 ", ".join(info["latency_sizes"]))
+                 ", ".join(bundle.latency_sizes))
         with runner:
             outputs = [runner.infer(g.lr) for g in golden]
-            row["throughput"] = [latency(runner, size, int(info["warmup"]), int(info["repeats"]))
-                                 for size in info["latency_sizes"]]
+            row["throughput"] = [latency(runner, size, bundle.warmup, bundle.repeats) for size in bundle.latency_sizes]
     except UserError as e:
         row["reason"] = str(e)
         return row
@@ -222,20 +367,24 @@ def run_row(precision: str, model: str, make: Callable[[], Runner], golden: list
 def verify_bundle(root: Path, backend: str = "auto", require_trt: bool = False) -> dict[str, Any]:
     """Check, run and gate the bundle at `root`; writes `root/edge_report.json` and returns the report."""
     root = Path(root)
-    info = load_bundle(root)
-    golden = load_golden(root, info["files"])
+    bundle = load_bundle(root)
+    golden = load_golden(root, bundle)
     backend, note = choose_backend(backend, require_trt)
     print(note, flush=True)
-    rows = [{"backend": backend, **run_row(p, model, make, golden, info)}
-            for p, model, make in candidates(root, info, backend)]
+    rows = candidates(root, bundle, backend)
+    unlisted = [model for _, model, _ in rows if model not in bundle.files]
+    if unlisted:
+        raise UserError(f"{root / BUNDLE_JSON}: files: does not list {', '.join(unlisted)}, which {backend} runs; "
+                        "refusing to run unchecked models (make the bundle again with `pipeline bundle`)")
+    rows = [{"backend": backend, **run_row(p, model, make, golden, bundle)} for p, model, make in rows]
     report = {"bundle": str(root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": backend,
               "note": note, "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
-              "versions": versions(), "scale": info["scale"], "gates": info["gates"],
+              "versions": versions(), "scale": bundle.scale, "gates": bundle.gates,
               "golden": {"images": [g.name for g in golden],
                          "psnr_y_pytorch": statistics.fmean(g.psnr_y for g in golden)},
-              "latency_sizes": info["latency_sizes"],
-              "latency": f"one call on a float32 batch of 1, host to host, after {info['warmup']} warm-up calls; "
-                         f"p50/p95 over {info['repeats']} calls",
+              "latency_sizes": bundle.latency_sizes,
+              "latency": f"one call on a float32 batch of 1, host to host, after {bundle.warmup} warm-up calls; "
+                         f"p50/p95 over {bundle.repeats} calls",
               "rows": rows, "passed": all(r["status"] == "pass" for r in rows)}
     write_json_atomic(root / REPORT_JSON, report)
     return report
@@ -291,10 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # a read-only bundle: edge_report.json (and plans/) are written into it
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
+            return report_internal_error(e, args.bundle if args.bundle.is_dir() else None)
         print(f"error: cannot write into the bundle ({e.filename}: {e.strerror}); extract it where you can write",
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug
+        return report_internal_error(e, args.bundle if args.bundle.is_dir() else None)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
+import reprlib
 import sys
 import time
 from collections.abc import Callable
@@ -23,14 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends.base import Runner, call_times_ms
-from pipeline.config import EngineSection, frame_lr_size
-from pipeline.errors import UserError
+from pipeline.config import BACKENDS, EngineSection, frame_lr_size
+from pipeline.errors import UserError, report_internal_error
 from pipeline.machine import machine
 from pipeline.rundir import LATENCY_JSON, ONNX, versions, write_json_atomic
 
 PROBE_FORMAT, LATENCY_FORMAT = "facd-pipeline-probe/1", "facd-pipeline-latency/1"
 PROBE_JSON = "probe.json"
-TABLE_KEYS = ("format", "scale", "frame", "backend", "precision", "machine", "candidates")
+TABLE_KEYS = ("format", "scale", "frame", "lr_size", "backend", "runner", "precision", "machine", "candidates")
+PRECISIONS = ("fp32", "fp16", "int8")
 ROW_KEYS = ("name", "blocks", "channels", "params", "flops", "p50_ms", "p95_ms")
 
 
@@ -143,14 +145,15 @@ def time_probe(folder: Path, backend: str = "auto", progress: bool = True) -> di
 
 def load_table(path: Path, scale: int, frame: str, backend: str, precision: str) -> dict[str, Any]:
     """A latency.json, refused (naming every difference) when made for another scale, frame, runtime or precision
-    than asked, and refused when malformed."""
+    than asked, and refused when malformed: every field that `pipeline budget` uses (the machine, the runner, each
+    candidate's shape, preset and timings) is checked here, so no later use re-checks."""
     path = Path(path)
     try:
         table = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"latency table {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"latency table {path} is not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an int of > 4300 digits
+        raise UserError(f"latency table {path} is not valid JSON ({type(e).__name__}: {e})") from None
     problem = _malformed(table)
     if problem:
         raise UserError(f"latency table {path} is malformed: {problem} (make it with `make probe` in a probe "
@@ -164,24 +167,61 @@ def load_table(path: Path, scale: int, frame: str, backend: str, precision: str)
     return table
 
 
+def _number(value: Any) -> bool:
+    """A JSON number (not a bool) >= 0 that is finite as a float."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= sys.float_info.max
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= sys.maxsize
+
+
 def _malformed(table: Any) -> str:
+    """What is wrong with a latency table (empty when nothing is)."""
     if not isinstance(table, dict):
         return "not a JSON object"
     if table.get("format") != LATENCY_FORMAT:
-        return f"format is {table.get('format')!r}, not {LATENCY_FORMAT!r}"
+        return f"format is {reprlib.repr(table.get('format'))}, not {LATENCY_FORMAT!r}"
     missing = [k for k in TABLE_KEYS if k not in table]
     if missing:
         return f"missing {', '.join(missing)}"
+    if not _integer(table["scale"], 2) or table["scale"] > 4:
+        return f"scale is {reprlib.repr(table['scale'])}, not 2, 3 or 4"
+    if not isinstance(table["frame"], str) or not isinstance(table["lr_size"], str):
+        return f"frame {reprlib.repr(table['frame'])} and lr_size {reprlib.repr(table['lr_size'])} must be sizes WxH"
+    if table["backend"] not in BACKENDS:
+        return f"backend is {reprlib.repr(table['backend'])}, not one of {', '.join(BACKENDS)}"
+    if not isinstance(table["runner"], str) or not re.fullmatch(rf"{table['backend']}(-[a-z]+)?", table["runner"]):
+        return f"runner is {reprlib.repr(table['runner'])}, not {table['backend']} or {table['backend']}-<device>"
+    if table["precision"] not in PRECISIONS:
+        return f"precision is {reprlib.repr(table['precision'])}, not one of {', '.join(PRECISIONS)}"
+    m = table["machine"]
+    if not isinstance(m, dict) or not isinstance(m.get("cpu"), str):
+        return f"machine is {reprlib.repr(m)}, not an object with the cpu's name (cpu), cpu_flags and cores"
+    if not isinstance(m.get("cpu_flags"), list) or not all(isinstance(f, str) for f in m["cpu_flags"]):
+        return f"machine.cpu_flags is {reprlib.repr(m.get('cpu_flags'))}, not a list of strings"
+    if "cores" not in m or m["cores"] is not None and not _integer(m["cores"], 1):  # None: os.cpu_count() did not know
+        return f"machine.cores is {reprlib.repr(m.get('cores'))}, not an integer >= 1 (or null)"
     rows = table["candidates"]
     if not isinstance(rows, list) or not rows:
         return "no candidates"
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
             return f"candidate {i} lacks one of {', '.join(ROW_KEYS)}"
-        bad = [k for k in ROW_KEYS[1:] if isinstance(row[k], bool) or not isinstance(row[k], (int, float))
-               or not math.isfinite(row[k]) or row[k] < 0]
+        if not isinstance(row["name"], str) or not re.fullmatch(r"[\w.-]+", row["name"]):
+            return f"candidate {i}: name is {reprlib.repr(row['name'])}, not letters, digits, _ . -"
+        bad = [k for k in ("blocks", "channels") if not _integer(row[k], 1)]
+        if bad:
+            return f"candidate {row['name']}: {', '.join(bad)} not an integer >= 1"
+        bad = [k for k in ROW_KEYS[3:] if not _number(row[k])]
         if bad:
             return f"candidate {row['name']}: {', '.join(bad)} not a number >= 0"
+        preset = row.get("preset")  # tables made before there were several presets have none
+        if preset is not None:
+            from models import PRESETS  # here: the probe folder's runtime has no torch
+
+            if not isinstance(preset, str) or preset not in PRESETS:
+                return f"candidate {row['name']}: preset {reprlib.repr(preset)} is not a model preset"
     return ""
 
 
@@ -212,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - ours: named, logged, never exit 1 or 2
+        return report_internal_error(e, args.dir if args.dir.is_dir() else None)
     print(format_table(table))
     print(f"wrote {args.dir / LATENCY_JSON}")
     return 0

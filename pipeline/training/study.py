@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config import METHODS
 from pipeline.errors import UserError
 from pipeline.plots import pyplot
-from pipeline.rundir import RunDir, atomic_path, write_json_atomic, write_text_atomic
+from pipeline.rundir import RunDir, write_json_atomic, write_text_atomic
 
 BASELINE = "none"
 RESAMPLES = 10_000
@@ -142,10 +142,26 @@ def parse_grid(grid: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for text in grid:
         key, sep, values = text.partition("=")
-        if not sep or not key.strip() or not values.strip():
+        key, points = key.strip(), [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(points):
             raise UserError(f"--grid expects KEY=V1,V2,..., got {text!r}")
-        out[key.strip()] = [v.strip() for v in values.split(",")]
+        if key in out:
+            raise UserError(f"--grid names {key} twice; give all its values once: --grid {key}=V1,V2,...")
+        twice = sorted({v for v in points if points.count(v) > 1})
+        if twice:
+            raise UserError(f"--grid {key} lists {', '.join(twice)} more than once")
+        out[key] = points
     return out
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Distinct seeds >= 0 (a seed counted twice would narrow the interval with a copy of itself)."""
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise UserError(f"--seeds lists {', '.join(map(str, twice))} more than once; each seed is one replicate")
+    if any(s < 0 for s in seeds):
+        raise UserError(f"--seeds must be integers >= 0, got {' '.join(map(str, seeds))}")
+    return seeds
 
 
 def variant_slug(name: str, method: str) -> str:
@@ -172,10 +188,10 @@ def write_study(run: RunDir, stem: str, title: str, study: dict[str, Any], stude
                 row[key] = float(np.mean([st[key] for st in stats]))
     pairs = contrasts(psnr, target) if target in psnr and target != BASELINE else []
     fixed = [("bicubic", results[0]["mean"]["psnr_y"]), (teacher_label, results[1]["mean"]["psnr_y"])]
-    write_json_atomic(run.path(f"{stem}.json"), {"title": title, **study, "fixed": dict(fixed), "rows": rows,
-                                                 "pairs": pairs, "results": results})
     table = format_study(title, rows, fixed, seeds, pairs=pairs)
-    write_text_atomic(run.path(f"{stem}.md"), table)
-    with atomic_path(run.path(f"{stem}.png")) as tmp:
-        plot_study(tmp, rows, title.split(",")[0])
+    with run.staged() as tmp:
+        write_json_atomic(tmp / f"{stem}.json", {"title": title, **study, "fixed": dict(fixed), "rows": rows,
+                                                 "pairs": pairs, "results": results})
+        write_text_atomic(tmp / f"{stem}.md", table)
+        plot_study(tmp / f"{stem}.png", rows, title.split(",")[0])
     return table
