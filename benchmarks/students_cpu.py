@@ -41,8 +41,6 @@ from pipeline.training import study
 from pipeline.training.teachers import shipped_teacher
 
 LR = "640x360"
-# Two-sided 95 % quantiles of Student's t by degrees of freedom (seeds - 1), from the standard table.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 BASELINE = "tiny_student"
 ROWS = {"ort_fp32": ("onnxruntime-cpu", "fp32"), "ort_int8": ("onnxruntime-cpu", "int8-cpu"),
         "ov_fp32": ("openvino", "fp32"), "ov_int8": ("openvino", "int8-cpu")}
@@ -97,12 +95,6 @@ def latencies(run: Path) -> dict[str, Any]:
     return out
 
 
-def seed_t_interval(per_seed: np.ndarray) -> tuple[float, float]:
-    """95 % t interval of the mean of the per-seed mean differences (seeds are the unit of replication)."""
-    half = T95[len(per_seed) - 1] * per_seed.std(ddof=1) / np.sqrt(len(per_seed))
-    return float(per_seed.mean() - half), float(per_seed.mean() + half)
-
-
 def paired(by_preset: dict[str, dict[int, dict[str, Any]]], name: str, baseline: str) -> dict[str, Any] | None:
     """`name` - `baseline` on their common seeds, paired per seed and image: the study's bootstrap and a seed-level
     t interval; None with fewer than 2 common seeds."""
@@ -110,9 +102,7 @@ def paired(by_preset: dict[str, dict[int, dict[str, Any]]], name: str, baseline:
     if len(seeds) < 2:
         return None
     psnr = {p: np.array([by_preset[p][k]["per_image"] for k in seeds]) for p in (baseline, name)}
-    pair = {**study.compare(psnr, baseline)[1], "seeds": seeds}
-    pair.update(zip(("t_low", "t_high"), seed_t_interval((psnr[name] - psnr[baseline]).mean(axis=1))))
-    return pair
+    return {**study.compare(psnr, baseline)[1], "seeds": seeds}
 
 
 def teacher_latency(scale: int) -> dict[str, Any]:
