@@ -1,0 +1,131 @@
+"""Matched compute: every distilled or plain-trained student of the given run folders, with its training wall clock
+(one thread, from its log) and its eval-set Y-PSNR as it trained, against `facd` at `pipeline all`'s 600 iterations.
+
+    python benchmarks/matched_cpu.py --runs runs/students runs/matched --out benchmarks/results/matched_cpu
+
+A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
+seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
+log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
+student is evaluated per image, so that every (method, iterations) group is compared with the reference group, paired
+per seed and image (seed-level t interval and bootstrap). Writes `<out>.json`, `<out>.md` and `<out>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.evaluation.evaluate import eval_models
+from pipeline.machine import machine
+from pipeline.plots import pyplot, save_figure
+from pipeline.rundir import STUDENT, load_manifest, versions, write_json_atomic, write_text_atomic
+from pipeline.training import study
+
+REFERENCE = ("facd", 600)
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    """Method, iterations, seed, student, the curve (iteration, wall clock s, eval Y-PSNR) of one run."""
+    config = load_manifest(folder / "manifest.json")["artifacts"][STUDENT]["config"]
+    train = config["train"]
+    records = [json.loads(line) for line in (folder / "student" / "log.jsonl").read_text().splitlines()]
+    clock, last, at = 0.0, 0, {}
+    for r in records:
+        if "patches_per_s" in r:
+            clock += (r["iter"] - last) * train["batch"] / r["patches_per_s"]
+            last = r["iter"]
+        at[r["iter"]] = clock
+    curve = [{"iter": r["iter"], "wall_s": at[r["iter"]], "psnr_y": r["eval"]["psnr_y"]} for r in records
+             if "eval" in r]
+    return {"run": str(folder), "method": config["distill"]["method"], "iters": train["iters"],
+            "seed": config["seed"], "student": config["model.student"], "wall_s": clock,
+            "s_per_iter": clock / train["iters"], "curve": curve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/students"), Path("runs/matched")])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/matched_cpu"))
+    p.add_argument("--student", default="anchor_m")
+    args = p.parse_args(argv)
+    cfg = load_config()
+    runs = [read_run(d) for root in args.runs for d in sorted(root.iterdir())
+            if (d / STUDENT).is_file() and (d / "student" / "log.jsonl").is_file()]
+    runs = [r for r in runs if r["student"] == args.student and r["curve"] and r["curve"][-1]["iter"] == r["iters"]]
+    for r in runs:
+        (result,) = eval_models(cfg, {"s": Path(r["run"]) / STUDENT}, progress=False)[1:]
+        r["per_image"] = [row["psnr_y"] for row in result["rows"]]
+        r["psnr_y"] = result["mean"]["psnr_y"]
+    groups: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["iters"]), {})[r["seed"]] = r
+    ref = groups.get(REFERENCE, {})
+    table = []
+    for (method, iters), by_seed in sorted(groups.items(), key=lambda kv: np.mean([r["wall_s"]
+                                                                                  for r in kv[1].values()])):
+        row = {"method": method, "iters": iters, "seeds": sorted(by_seed),
+               "psnr_y": float(np.mean([r["psnr_y"] for r in by_seed.values()])),
+               "psnr_y_per_seed": [by_seed[k]["psnr_y"] for k in sorted(by_seed)],
+               "wall_s": float(np.mean([r["wall_s"] for r in by_seed.values()])),
+               "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()]))}
+        common = sorted(set(by_seed) & set(ref))
+        if (method, iters) != REFERENCE and len(common) >= 2:
+            psnr = {"ref": np.array([ref[k]["per_image"] for k in common]),
+                    "this": np.array([by_seed[k]["per_image"] for k in common])}
+            row["minus_reference"] = {**study.compare(psnr, "ref")[1], "seeds": common}
+        table.append(row)
+    result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
+              "reference": f"{REFERENCE[0]} at {REFERENCE[1]} iterations", "groups": table, "runs": runs}
+    write_json_atomic(args.out.with_suffix(".json"), result)
+    write_text_atomic(args.out.with_suffix(".md"), format_table(result))
+    plot(result, args.out.with_suffix(".png"))
+    print(format_table(result))
+    return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, eval set Y-PSNR), "
+             f"against {result['reference']}; training wall clock on one thread.", "",
+             "| method | iterations | seeds | Y-PSNR (per seed) | wall clock (s) | s / iteration | minus reference: "
+             "seed-t 95 % (bootstrap) | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for g in result["groups"]:
+        d = g.get("minus_reference")
+        vs = (f"{d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
+              if d and "ci_low" in d else "")
+        seeds = ", ".join(f"{v:.3f}" for v in g["psnr_y_per_seed"])
+        lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {g['psnr_y']:.3f} ({seeds}) | "
+                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {vs} | {d.get('verdict', '') if d else ''} |")
+    flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
+    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); two runs at a time, one thread each.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours, labelled = {}, set()
+    for r in result["runs"]:
+        colour = colours.setdefault(r["method"], f"C{len(colours)}")
+        group = f"{r['method']} ({r['iters']} it)"
+        for ax, key in zip(axes, ("wall_s", "iter")):
+            ax.plot([c[key] for c in r["curve"]], [c["psnr_y"] for c in r["curve"]], marker=".", color=colour,
+                    alpha=0.7, label=None if group in labelled else group)
+        labelled.add(group)
+    for ax, name in zip(axes, ("training wall clock, one thread (s)", "iterations")):
+        ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("eval-set Y-PSNR (dB)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"PARTIAL: {result['student']}, every run and seed as it trained", fontsize="medium")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
