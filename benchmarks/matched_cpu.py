@@ -30,7 +30,8 @@ REFERENCE = ("facd", 600)
 
 
 def read_run(folder: Path) -> dict[str, Any]:
-    """Method, iterations, seed, student, the curve (iteration, wall clock s, eval Y-PSNR) of one run."""
+    """Method (with its gate margin where not 0), iterations, seed, student, the curve (iteration, wall clock s, eval
+    Y-PSNR) of one run."""
     config = load_manifest(folder / "manifest.json")["artifacts"][STUDENT]["config"]
     train = config["train"]
     records = [json.loads(line) for line in (folder / "student" / "log.jsonl").read_text().splitlines()]
@@ -42,9 +43,13 @@ def read_run(folder: Path) -> dict[str, Any]:
         at[r["iter"]] = clock
     curve = [{"iter": r["iter"], "wall_s": at[r["iter"]], "psnr_y": r["eval"]["psnr_y"]} for r in records
              if "eval" in r]
-    return {"run": str(folder), "method": config["distill"]["method"], "iters": train["iters"],
+    method = config["distill"]["method"]
+    if method == "facd" and config["distill"]["gate_margin"]:
+        method = f"facd (gate margin {config['distill']['gate_margin']:g} dB)"
+    return {"run": str(folder), "method": method, "iters": train["iters"],
             "seed": config["seed"], "student": config["model.student"], "wall_s": clock,
-            "s_per_iter": clock / train["iters"], "curve": curve}
+            "s_per_iter": clock / train["iters"], "curve": curve,
+            **study.gate_stats(folder / "student" / "log.jsonl")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                "psnr_y_per_seed": [by_seed[k]["psnr_y"] for k in sorted(by_seed)],
                "wall_s": float(np.mean([r["wall_s"] for r in by_seed.values()])),
                "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()]))}
+        for key in ("train_gate_rate", "val_gate_rate"):
+            if all(key in r for r in by_seed.values()):
+                row[key] = float(np.mean([r[key] for r in by_seed.values()]))
         common = sorted(set(by_seed) & set(ref))
         if (method, iters) != REFERENCE and len(common) >= 2:
             psnr = {"ref": np.array([ref[k]["per_image"] for k in common]),
@@ -93,14 +101,15 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, eval set Y-PSNR), "
              f"against {result['reference']}; training wall clock on one thread.", "",
              "| method | iterations | seeds | Y-PSNR (per seed) | wall clock (s) | s / iteration | minus reference: "
-             "seed-t 95 % (bootstrap) | verdict |", "|---|---|---|---|---|---|---|---|"]
+             "seed-t 95 % (bootstrap) | verdict | gate rate train / val |", "|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         d = g.get("minus_reference")
         vs = (f"{d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
               if d and "ci_low" in d else "")
         seeds = ", ".join(f"{v:.3f}" for v in g["psnr_y_per_seed"])
         lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {g['psnr_y']:.3f} ({seeds}) | "
-                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {vs} | {d.get('verdict', '') if d else ''} |")
+                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {vs} | {d.get('verdict', '') if d else ''} | "
+                     + (f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f} |" if "train_gate_rate" in g else " |"))
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
     lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); two runs at a time, one thread each.")
     return "\n".join(lines) + "\n"
