@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,16 @@ PRESET_HELP = {
     "edsr_paper": "EDSR (32x256) teacher, EDSR student, DIV2K 48px LR patches, 300k iterations (GPU)",
     "rcan_paper": "RCAN (10x20x64) teacher, RCAN student (10x6x64), DIV2K 48px LR patches, 300k iterations (GPU)",
 }
+
+
+def is_json_number(value: Any) -> bool:
+    """A number from a JSON document (not a bool) >= 0 that is finite as a float (huge integers are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= sys.float_info.max
+
+
+def is_json_int(value: Any, low: int, high: int = sys.maxsize) -> bool:
+    """An integer from a JSON document (not a bool) from `low` to `high`."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:

@@ -27,7 +27,6 @@ import argparse
 import errno
 import json
 import logging
-import math
 import os
 import platform
 import stat
@@ -43,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.backends.base import Runner, latency
-from pipeline.config import EngineSection, parse_size, validate_engine_section
+from pipeline.config import EngineSection, is_json_int, is_json_number, parse_size, validate_engine_section
 from pipeline.data.imageio import read_rgb
 from pipeline.errors import GateFailed, UserError, report_internal_error
 from pipeline.metrics import psnr_y
@@ -203,18 +202,14 @@ def _get(path: Path, table: dict[str, Any], key: str, where: str = "") -> Any:
 
 def _int(path: Path, key: str, value: object, low: int, high: int) -> int:
     """An integer (not a bool) from `low` to `high`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_json_int(value, low, high):
         raise UserError(f"{path}: {key}: expected an integer from {low} to {high}, got {_show(value)}")
     return value
 
 
 def _number(path: Path, key: str, value: object) -> float:
     """A finite number >= 0."""
-    try:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    except OverflowError:  # an integer beyond the floats
-        ok = False
-    if not ok:
+    if not is_json_number(value):
         raise UserError(f"{path}: {key}: expected a finite number >= 0, got {_show(value)}")
     return float(value)
 

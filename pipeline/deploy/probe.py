@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends.base import Runner, call_times_ms
-from pipeline.config import BACKENDS, EngineSection, frame_lr_size
+from pipeline.config import BACKENDS, EngineSection, frame_lr_size, is_json_int, is_json_number
 from pipeline.errors import UserError, report_internal_error
 from pipeline.machine import machine
 from pipeline.rundir import LATENCY_JSON, ONNX, versions, write_json_atomic
@@ -167,15 +167,6 @@ def load_table(path: Path, scale: int, frame: str, backend: str, precision: str)
     return table
 
 
-def _number(value: Any) -> bool:
-    """A JSON number (not a bool) >= 0 that is finite as a float."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= sys.float_info.max
-
-
-def _integer(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= sys.maxsize
-
-
 def _malformed(table: Any) -> str:
     """What is wrong with a latency table (empty when nothing is)."""
     if not isinstance(table, dict):
@@ -185,7 +176,7 @@ def _malformed(table: Any) -> str:
     missing = [k for k in TABLE_KEYS if k not in table]
     if missing:
         return f"missing {', '.join(missing)}"
-    if not _integer(table["scale"], 2) or table["scale"] > 4:
+    if not is_json_int(table["scale"], 2, 4):
         return f"scale is {reprlib.repr(table['scale'])}, not 2, 3 or 4"
     if not isinstance(table["frame"], str) or not isinstance(table["lr_size"], str):
         return f"frame {reprlib.repr(table['frame'])} and lr_size {reprlib.repr(table['lr_size'])} must be sizes WxH"
@@ -200,7 +191,8 @@ def _malformed(table: Any) -> str:
         return f"machine is {reprlib.repr(m)}, not an object with the cpu's name (cpu), cpu_flags and cores"
     if not isinstance(m.get("cpu_flags"), list) or not all(isinstance(f, str) for f in m["cpu_flags"]):
         return f"machine.cpu_flags is {reprlib.repr(m.get('cpu_flags'))}, not a list of strings"
-    if "cores" not in m or m["cores"] is not None and not _integer(m["cores"], 1):  # None: os.cpu_count() did not know
+    # cores None: os.cpu_count() did not know
+    if "cores" not in m or m["cores"] is not None and not is_json_int(m["cores"], 1):
         return f"machine.cores is {reprlib.repr(m.get('cores'))}, not an integer >= 1 (or null)"
     rows = table["candidates"]
     if not isinstance(rows, list) or not rows:
@@ -210,10 +202,10 @@ def _malformed(table: Any) -> str:
             return f"candidate {i} lacks one of {', '.join(ROW_KEYS)}"
         if not isinstance(row["name"], str) or not re.fullmatch(r"[\w.-]+", row["name"]):
             return f"candidate {i}: name is {reprlib.repr(row['name'])}, not letters, digits, _ . -"
-        bad = [k for k in ("blocks", "channels") if not _integer(row[k], 1)]
+        bad = [k for k in ("blocks", "channels") if not is_json_int(row[k], 1)]
         if bad:
             return f"candidate {row['name']}: {', '.join(bad)} not an integer >= 1"
-        bad = [k for k in ROW_KEYS[3:] if not _number(row[k])]
+        bad = [k for k in ROW_KEYS[3:] if not is_json_number(row[k])]
         if bad:
             return f"candidate {row['name']}: {', '.join(bad)} not a number >= 0"
         preset = row.get("preset")  # tables made before there were several presets have none
