@@ -1,7 +1,7 @@
 """Matched compute: every distilled or plain-trained student of the given run folders, with its training wall clock
 (one thread, from its log) and its eval-set Y-PSNR as it trained, against `facd` at `pipeline all`'s 600 iterations.
 
-    python benchmarks/matched_cpu.py --runs runs/students runs/matched --out benchmarks/results/matched_cpu
+    python benchmarks/matched_cpu.py --runs runs/matched24 --out benchmarks/results/matched_cpu_eval24
 
 A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models import count_flops, create_model
 from pipeline.config import load_config
 from pipeline.evaluation.evaluate import eval_models
 from pipeline.machine import machine
@@ -29,7 +30,18 @@ from pipeline.training import study
 REFERENCE = ("facd", 600)
 
 
-def read_run(folder: Path) -> dict[str, Any]:
+def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
+    """Convolution GFLOPs of one training iteration: the student's forward and backward (3 forwards) and, for a
+    method with a teacher, the teacher's forward, on one batch of LR patches (the adaptors and the contrastive
+    similarity are left out)."""
+    train, scale, patch = config["train"], config["scale"], (config["train"]["lr_patch"],) * 2
+    flops = 3 * count_flops(create_model(config["model.student"], scale=scale), patch)
+    if config["distill"]["method"] != "none":
+        flops += count_flops(create_model(teacher, scale=scale), patch)
+    return flops * train["batch"] / 1e9
+
+
+def read_run(folder: Path, teacher: str) -> dict[str, Any]:
     """Method (with its gate margin where not 0), iterations, seed, student, the curve (iteration, wall clock s, eval
     Y-PSNR) of one run."""
     config = load_manifest(folder / "manifest.json")["artifacts"][STUDENT]["config"]
@@ -48,18 +60,18 @@ def read_run(folder: Path) -> dict[str, Any]:
         method = f"facd (gate margin {config['distill']['gate_margin']:g} dB)"
     return {"run": str(folder), "method": method, "iters": train["iters"],
             "seed": config["seed"], "student": config["model.student"], "wall_s": clock,
-            "s_per_iter": clock / train["iters"], "curve": curve,
+            "s_per_iter": clock / train["iters"], "gflops_per_iter": gflops_per_iter(config, teacher), "curve": curve,
             **study.gate_stats(folder / "student" / "log.jsonl")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/students"), Path("runs/matched")])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/matched_cpu"))
+    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/matched24")])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/matched_cpu_eval24"))
     p.add_argument("--student", default="anchor_m")
     args = p.parse_args(argv)
     cfg = load_config()
-    runs = [read_run(d) for root in args.runs for d in sorted(root.iterdir())
+    runs = [read_run(d, cfg.model.teacher) for root in args.runs for d in sorted(root.iterdir())
             if (d / STUDENT).is_file() and (d / "student" / "log.jsonl").is_file()]
     runs = [r for r in runs if r["student"] == args.student and r["curve"] and r["curve"][-1]["iter"] == r["iters"]]
     for r in runs:
@@ -77,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                "psnr_y": float(np.mean([r["psnr_y"] for r in by_seed.values()])),
                "psnr_y_per_seed": [by_seed[k]["psnr_y"] for k in sorted(by_seed)],
                "wall_s": float(np.mean([r["wall_s"] for r in by_seed.values()])),
-               "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()]))}
+               "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()])),
+               "gflops_per_iter": by_seed[min(by_seed)]["gflops_per_iter"]}
         for key in ("train_gate_rate", "val_gate_rate"):
             if all(key in r for r in by_seed.values()):
                 row[key] = float(np.mean([r[key] for r in by_seed.values()]))
@@ -100,18 +113,22 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, eval set Y-PSNR), "
              f"against {result['reference']}; training wall clock on one thread.", "",
-             "| method | iterations | seeds | Y-PSNR (per seed) | wall clock (s) | s / iteration | minus reference: "
-             "seed-t 95 % (bootstrap) | verdict | gate rate train / val |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | iterations | seeds | Y-PSNR (per seed) | wall clock (s) | s / iteration | "
+             "GFLOPs / iteration | minus reference: seed-t 95 % (bootstrap) | verdict | gate rate train / val |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         d = g.get("minus_reference")
         vs = (f"{d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
               if d and "ci_low" in d else "")
         seeds = ", ".join(f"{v:.3f}" for v in g["psnr_y_per_seed"])
         lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {g['psnr_y']:.3f} ({seeds}) | "
-                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {vs} | {d.get('verdict', '') if d else ''} | "
+                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {vs} | "
+                     f"{d.get('verdict', '') if d else ''} | "
                      + (f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f} |" if "train_gate_rate" in g else " |"))
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
-    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); two runs at a time, one thread each.")
+    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); two runs at a time, one thread each. "
+                 "GFLOPs / iteration: the Convs of the student's forward and backward (3 forwards) and of the "
+                 "teacher's forward, on one batch.")
     return "\n".join(lines) + "\n"
 
 

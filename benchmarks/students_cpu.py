@@ -13,6 +13,9 @@ teacher and seeds). Each candidate is compared with `tiny_student`, paired per s
 interval and the study's bootstrap), and checked against the targets: at least 15x faster than the teacher on ONNX
 Runtime FP32, at least half the teacher's gain over bicubic. Run it on an otherwise idle machine (wall-clock
 latency). Writes `<out>.json` and `<out>.md`.
+
+`--latency-only` times each student shape on this machine without the quality columns: any one run directory per
+shape will do (e.g. the minute-long `<preset>+none-seed0` runs), since the weights do not change the time.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{BASELINE}'s seeds without a run directory come from this ablation.json (facd rows)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--skip-stages", action="store_true", help="only read the reports (the stages ran before)")
+    p.add_argument("--latency-only", action="store_true", help="time one run per student shape, no quality columns")
     args = p.parse_args(argv)
     cfg = load_config()
     start = time.perf_counter()
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if re.fullmatch(r".+-seed\d+", d.name) and (d / STUDENT).is_file():
             label, seed = d.name.rsplit("-seed", 1)  # label: <preset> (facd) or <preset>+<method>
             runs.setdefault(label, {})[int(seed)] = d
+    if args.latency_only:
+        return latency_table(runs, args, cfg.scale, start)
     by_preset: dict[str, dict[int, dict[str, Any]]] = {}
     for label, per_seed in runs.items():
         preset = label.split("+")[0]
@@ -188,6 +194,52 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.out.with_suffix(".json"), result)
     write_text_atomic(args.out.with_suffix(".md"), format_table(result))
     print(format_table(result))
+    return 0
+
+
+def latency_table(runs: dict[str, dict[int, Path]], args: argparse.Namespace, scale: int, start: float) -> int:
+    """`--latency-only`: the four CPU rows of each student shape, against the teacher, on this machine."""
+    first_run = {}
+    for label, per_seed in sorted(runs.items()):
+        first_run.setdefault(label.split("+")[0], per_seed[min(per_seed)])
+    teacher = teacher_latency(scale)
+    table = []
+    for preset, run in first_run.items():
+        if not args.skip_stages:
+            stages(run, preset)
+        model = load_model(run / STUDENT, scale)
+        timed = latencies(run)
+        fp32, best_fp32 = timed["ort_fp32"]["p50_ms"], min(timed[k]["p50_ms"] for k in ("ort_fp32", "ov_fp32"))
+        best_int8 = min(timed[k]["p50_ms"] for k in ("ort_int8", "ov_int8"))
+        table.append({"preset": preset, "params": count_params(model), "gflops": count_flops(model, (360, 640)) / 1e9,
+                      "latency": timed, "latency_from": run.name,
+                      "speedup_vs_teacher_ort_fp32": teacher["ort_fp32_p50_ms"] / fp32,
+                      "ort_int8_over_ort_fp32": timed["ort_int8"]["p50_ms"] / fp32,
+                      "best_int8_over_ort_fp32": best_int8 / fp32, "best_int8_over_best_fp32": best_int8 / best_fp32})
+        print(f"{preset}: " + ", ".join(f"{k} {v['p50_ms']:.0f} ms" for k, v in timed.items()), flush=True)
+    result = {"machine": machine(), "versions": versions(), "lr_size": LR, "scale": scale, "teacher": teacher,
+              "candidates": table, "measured_in_s": time.perf_counter() - start}
+    m = result["machine"]
+    lines = [f"Student shapes at LR {LR} (x{scale}), latency only; teacher ONNX Runtime FP32 "
+             f"{teacher['ort_fp32_p50_ms']:.0f} ms.", "",
+             "| student | params | GFLOPs | x faster than teacher | ORT FP32 / INT8 ms | OV FP32 / INT8 ms | "
+             "ORT INT8 / ORT FP32 | best INT8 / ORT FP32 | best INT8 / best FP32 | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(table, key=lambda c: c["gflops"]):
+        lat = c["latency"]
+        lines.append(f"| {c['preset']} | {c['params']:,} | {c['gflops']:.1f} | "
+                     f"{c['speedup_vs_teacher_ort_fp32']:.1f} | "
+                     f"{lat['ort_fp32']['p50_ms']:.0f} / {lat['ort_int8']['p50_ms']:.0f} | "
+                     f"{lat['ov_fp32']['p50_ms']:.0f} / {lat['ov_int8']['p50_ms']:.0f} | "
+                     f"{c['ort_int8_over_ort_fp32']:.2f} | {c['best_int8_over_ort_fp32']:.2f} | "
+                     f"{c['best_int8_over_best_fp32']:.2f} | {lat['ort_fp32']['peak_mem_mb']:.0f} |")
+    flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
+    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}). Latency: one forward call at batch 1, p50 of "
+                 "10 after 2 warm-up calls (teacher: 5 after 1); INT8: every Conv INT8; peak MB: resident memory "
+                 "added, ONNX Runtime FP32.")
+    write_json_atomic(args.out.with_suffix(".json"), result)
+    write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

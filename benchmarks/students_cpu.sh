@@ -9,6 +9,11 @@
 #
 #   bash benchmarks/students_cpu.sh train &    # anchor_m seeds 0-2, anchor_l and anchor_s seeds 0-1, tiny seed 0
 #   .venv/bin/python benchmarks/students_cpu.py --runs runs/students --out benchmarks/results/students_cpu
+#
+# The latency columns alone on another CPU (one `none` student per shape, a few minutes in all):
+#
+#   RUNS=runs/avx2 bash benchmarks/students_cpu.sh timing
+#   .venv/bin/python benchmarks/students_cpu.py --runs runs/avx2 --latency-only --out benchmarks/results/students_cpu_avx2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/students}
@@ -36,8 +41,11 @@ case "${1:-}" in
         wait
         lane anchor_m:0:none anchor_m:1:none anchor_m:2:none > "$RUNS/lane3.log" 2>&1  # the default without a teacher
         ;;
+    timing)  # one student per shape, for students_cpu.py --latency-only
+        lane anchor_l:0:none anchor_m:0:none anchor_s:0:none tiny_student:0:none > "$RUNS/timing.log" 2>&1
+        ;;
     *)
-        echo "usage: $0 train   (see the comment at the top)" >&2
+        echo "usage: $0 train|timing   (see the comment at the top)" >&2
         exit 2
         ;;
 esac

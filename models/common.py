@@ -176,6 +176,9 @@ class SRBase(nn.Module):
 
     _config: Any
     body: nn.ModuleList
+    # What one unit of the body features is on the [0, 1] image scale: distillation divides by it, so that features
+    # of families that work on different scales are compared on one.
+    feature_range = 1.0
 
     @property
     def config(self) -> dict[str, str | int | float | bool]:
@@ -225,6 +228,8 @@ class SRNet(SRBase):
     Input: RGB float in [0, 1], NCHW. Output: RGB in ~[0, 1] (not clamped), spatial size times `scale`.
     The body blocks are the feature taps used for distillation (`num_taps`, `forward_features`; internal x255 scale).
     """
+
+    feature_range = RGB_RANGE
 
     def __init__(self, config: ModelConfig, body: Sequence[nn.Module]) -> None:
         super().__init__()

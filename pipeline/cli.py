@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "evaluate a checkpoint (or bicubic) on a dataset: per-image and mean Y-PSNR / SSIM")
     p.add_argument("--model", required=True, help="a checkpoint (ours, EDSR-PyTorch or BasicSR) or 'bicubic'")
     p.add_argument("--data", default="embedded",
-                   help="'embedded' (default), 'embedded-train', or a folder (HR-only or HR/ + LR_bicubic/X{s}/)")
+                   help="'embedded' (default: the 24 shipped eval crops), 'embedded-eval7' (the 7 eval photos of "
+                        "earlier releases), 'embedded-train', 'embedded-val', or a folder (HR-only or HR/ + "
+                        "LR_bicubic/X{s}/)")
     p.add_argument("--scale", type=int, help="2, 3 or 4 (default: the checkpoint's; 4 for bicubic)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")

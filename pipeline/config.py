@@ -38,8 +38,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     train: str = "embedded-train"  # "embedded-train", or a folder (HR-only or HR/ + LR_bicubic/X{s}/)
-    eval: str = "embedded"  # "embedded" (the shipped eval photos), or a folder
-    val_count: int = 3  # training images held out of every training stage as the validation split (0 = none)
+    eval: str = "embedded"  # "embedded" (the 24 shipped eval crops), "embedded-eval7" (the earlier 7), or a folder
+    val_count: int = 3  # training images held out of every training stage, the first part of the validation split
+    val: str = "embedded-val"  # more validation images, never trained on: a dataset name or folder ("" = none)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class DistillSection:
     taps: int = 3  # J evenly spaced body blocks of student and teacher, matched by relative depth
     # The weights are what the study chose on the validation split (README, "The distillation study").
     lambda_out: float = 3.0  # output distillation L1(SR_S, SR_T)
-    lambda_fd: float = 3.0  # feature distillation L1(adapted student features, teacher features) / 255
+    lambda_fd: float = 3.0  # feature distillation L1(adapted student features, teacher features), image scale
     lambda_facd: float = 0.3  # the contrastive term
     # The gate (facd): distil a patch only where PSNR(SR_T) > PSNR(SR_S) + gate_margin (dB), and only the
     # gate_fraction of the batch's patches where the teacher's advantage is largest (1.0: every patch that passes).

@@ -222,12 +222,13 @@ def stage_sweep(cfg: Config, run: RunDir, teacher: Path, axes: dict[str, list[st
         point = dict(zip(axes, values))
         variants[", ".join(f"{k}={v}" for k, v in point.items())] = apply_overrides(cfg, [f"{k}={v}" for k, v in
                                                                                        point.items()])
-    title = (f"Sweep of {cfg.distill.method} on the validation split ({cfg.data.val_count} training images held "
-             f"out), x{cfg.scale}, {cfg.model.student} from {teacher.name}, {cfg.train.iters} iterations per student")
     if not name or Path(name).name != name:
         raise UserError(f"--name must be a plain file name, got {name!r}")
-    return _study(cfg, run, teacher, variants, seeds, "sweep", name, title, validation_split(cfg), resume=resume,
-                  force=force, progress=progress)
+    val = validation_split(cfg)
+    title = (f"Sweep of {cfg.distill.method} on the validation split ({len(val)} images: {val}), x{cfg.scale}, "
+             f"{cfg.model.student} from {teacher.name}, {cfg.train.iters} iterations per student")
+    return _study(cfg, run, teacher, variants, seeds, "sweep", name, title, val, resume=resume, force=force,
+                  progress=progress)
 
 
 def _study(cfg: Config, run: RunDir, teacher: Path, variants: dict[str, Config], seeds: list[int], folder: str,

@@ -90,7 +90,8 @@ def test_the_bundle_holds_models_golden_set_runtime_and_checksums(bundle, export
     assert "verify:" in (folder / "Makefile").read_text()
 
     golden = json.loads((folder / "golden" / "golden.json").read_text())
-    assert [g["name"] for g in golden["images"]] == ["astronaut", "chelsea", "china", "coffee"]
+    assert [g["name"] for g in golden["images"]] == ["lxqt-after-the-rain", "lxqt-appleflower", "lxqt-butterfly",
+                                                     "lxqt-drop"]
     for g in golden["images"]:
         lr, sr, hr = (read_rgb(folder / "golden" / g[k]) for k in ("lr", "sr_fp32", "hr"))
         assert max(lr.shape[:2]) <= 96 and sr.shape == hr.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
@@ -154,11 +155,11 @@ def test_an_existing_out_is_refused_and_force_replaces_it_whole(cfg, exported_ru
 
 def test_edge_verify_names_missing_or_changed_files_and_fails_gates(bundle, tmp_path, capsys):
     folder = _extract(bundle, tmp_path)
-    (folder / "golden" / "lr" / "china.png").write_bytes(b"not a png")
+    (folder / "golden" / "lr" / "lxqt-butterfly.png").write_bytes(b"not a png")
     (folder / "student.fp16.onnx").unlink()
     assert edge.main(["verify", "--bundle", str(folder), "-q"]) == 2
     err = capsys.readouterr().err
-    assert "missing student.fp16.onnx; sha256 differs: golden/lr/china.png" in err
+    assert "missing student.fp16.onnx; sha256 differs: golden/lr/lxqt-butterfly.png" in err
     assert edge.main(["verify", "--bundle", str(tmp_path), "-q"]) == 2
     assert "has no bundle.json" in capsys.readouterr().err
 

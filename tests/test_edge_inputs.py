@@ -129,7 +129,7 @@ def _image(key: str, value: object):
 BAD_GOLDEN_JSON = [
     ("images", _pop("images")),
     ("images", _set("images", [])),
-    ("images", _set("images", "lr/astronaut.png")),
+    ("images", _set("images", "lr/lxqt-after-the-rain.png")),
     ("images[0]", _set("images", [None])),
     *[(f"images[0].{k}", lambda d, k=k: d["images"][0].pop(k)) for k in ("name", "lr", "sr_fp32", "hr", "psnr_y")],
     ("images[0].psnr_y", _image("psnr_y", "31.2")),
@@ -138,8 +138,8 @@ BAD_GOLDEN_JSON = [
     ("images[0].lr", _image("lr", "../manifest.json")),
     ("images[0].lr", _image("lr", 3)),
     ("images[0].name", _image("name", "")),
-    ("images[0]", _image("hr", "lr/astronaut.png")),  # an HR of the LR's size
-    ("images[0]", _image("lr", "hr/astronaut.png")),
+    ("images[0]", _image("hr", "lr/lxqt-after-the-rain.png")),  # an HR of the LR's size
+    ("images[0]", _image("lr", "hr/lxqt-after-the-rain.png")),
 ]
 
 
@@ -178,19 +178,19 @@ def test_a_scale_that_is_not_the_golden_images_is_one_error_line(pristine, tmp_p
 def test_a_symbolic_link_inside_the_bundle_is_refused(pristine, tmp_path):
     folder = _copy(pristine, tmp_path / "dir")
     shutil.rmtree(folder / "golden" / "hr")
-    (folder / "golden" / "hr").symlink_to("lr")  # hr/astronaut.png is now lr/astronaut.png
+    (folder / "golden" / "hr").symlink_to("lr")  # hr/lxqt-after-the-rain.png is now lr/lxqt-after-the-rain.png
     _rehash(folder, *[n for n in _doc(folder, edge.BUNDLE_JSON)["files"] if n.startswith("golden/hr/")])
     rc, err = _verify(folder)
     _assert_one_error(rc, err, f"{folder / edge.BUNDLE_JSON}: files: ")
-    assert "golden/hr/astronaut.png" in err and "symbolic link" in err
+    assert "golden/hr/lxqt-after-the-rain.png" in err and "symbolic link" in err
 
     folder = _copy(pristine, tmp_path / "file")
-    (folder / "golden" / "hr" / "china.png").unlink()
-    (folder / "golden" / "hr" / "china.png").symlink_to("../lr/china.png")
-    _rehash(folder, "golden/hr/china.png")
+    (folder / "golden" / "hr" / "lxqt-butterfly.png").unlink()
+    (folder / "golden" / "hr" / "lxqt-butterfly.png").symlink_to("../lr/lxqt-butterfly.png")
+    _rehash(folder, "golden/hr/lxqt-butterfly.png")
     rc, err = _verify(folder)
     _assert_one_error(rc, err, f"{folder / edge.BUNDLE_JSON}: files: ")
-    assert "golden/hr/china.png" in err and "astronaut" not in err
+    assert "golden/hr/lxqt-butterfly.png" in err and "lxqt-after-the-rain" not in err
 
 
 def test_a_model_a_row_runs_must_be_listed_and_hashed(pristine, tmp_path):
@@ -224,7 +224,7 @@ def test_the_loaders_return_checked_typed_values(pristine):
     with pytest.raises(dataclasses.FrozenInstanceError):
         bundle.scale = 2
     golden = edge.load_golden(pristine, bundle)
-    assert [g.name for g in golden] == ["astronaut", "chelsea", "china", "coffee"]
+    assert [g.name for g in golden] == ["lxqt-after-the-rain", "lxqt-appleflower", "lxqt-butterfly", "lxqt-drop"]
     assert all(g.hr.shape == g.sr.shape == (g.lr.shape[0] * 4, g.lr.shape[1] * 4, 3) for g in golden)
 
 
@@ -271,7 +271,7 @@ class Replay(Runner):
 
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0, 1, 2, 3, 4, -1, 10**30, 1e308, "", "nan", "four", "40x24", "0x24", "lr/china.png",
+    st.sampled_from([0, 1, 2, 3, 4, -1, 10**30, 1e308, "", "nan", "four", "40x24", "0x24", "lr/lxqt-butterfly.png",
                      "student.int8.onnx", [], {}]),
     st.text(max_size=8), st.lists(st.one_of(st.integers(-9, 99), st.text(max_size=6)), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))

@@ -15,7 +15,7 @@ from models import create_model, save_checkpoint
 from pipeline.training import study
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data.datasets import PairFolder
+from pipeline.data.datasets import PairFolder, train_and_validation
 from pipeline.training.distill import distill_student
 
 SMALL = ["train.batch=4", "train.lr_patch=12", "train.eval_every=0", "train.log_every=1", "train.threads=1",
@@ -156,7 +156,9 @@ def test_sweep_trains_every_grid_point_and_compares_on_the_validation_split(tmp_
     assert [r["variant"] for r in report["rows"]] == ["none", "distill.lambda_out=0.5", "distill.lambda_out=2"]
     assert report["variants"]["distill.lambda_out=2"]["distill"]["lambda_out"] == 2.0
     assert all("ci_low" in r and r["verdict"] for r in report["rows"][1:])
-    val_names = {f.stem for f in PairFolder("embedded-train", 4).split(3)[1].hr_files}
+    data = load_config().data
+    val_names = {pair.name for pair in train_and_validation(data.train, data.val_count, data.val, 4)[1]}
+    assert len(val_names) == 10
     assert {row["name"] for row in report["results"][0]["rows"]} == val_names
     assert sorted(p.name for p in (run / "sweep").glob("*.pt")) == [
         "none-seed0.pt", "none-seed1.pt", "out-lambda_out0.5-seed0.pt", "out-lambda_out0.5-seed1.pt",

@@ -1,8 +1,14 @@
 """Datasets: the embedded photos or a user's folder, as LR/HR pairs; random training patches.
 
 A dataset is named by a string:
-- ``embedded``: the 7 evaluation photos shipped in the package (the default eval set);
-- ``embedded-train``: the 15 training crops shipped in the package (the default train set);
+- ``embedded``: the 24 evaluation crops shipped in the package, 360x360 (``embedded/eval24/``; the default eval set);
+- ``embedded-eval7``: the 7 evaluation photos of earlier releases, of mixed sizes (``embedded/eval/``; the default
+  eval set before the 24 crops, kept so that earlier figures can be reproduced);
+- ``embedded-train``: the 15 training crops shipped in the package, 512x512 (the default train set);
+- ``embedded-val``: 7 more crops, 512x512, that no training stage sees (the shipped teacher's included): with the
+  ``data.val_count`` training images held out, the validation split (``train_and_validation``).
+  No photograph is in two of these sets; ``pipeline/data/build_embedded.py`` makes the crops from Debian packages,
+  ``pipeline/data/embedded/ATTRIBUTION.md`` lists their sources, licences and checksums;
 - a folder of HR images only: LR is made from each HR exactly as the benchmarks do (mod-crop, MATLAB bicubic);
 - a paired folder ``HR/`` + ``LR_bicubic/X{s}/`` (the DIV2K / benchmark layout). The LR file of ``HR/name.png`` is
   ``LR_bicubic/X{s}/name{suffix}.<any image suffix>`` with suffix one of ``x{s}`` (DIV2K: ``0001x4.png``), ``''``,
@@ -25,7 +31,12 @@ from pipeline.data.imresize import degrade, modcrop
 from pipeline.errors import UserError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
-EMBEDDED = {"embedded": EMBEDDED_DIR / "eval", "embedded-train": EMBEDDED_DIR / "train"}
+EMBEDDED = {
+    "embedded": EMBEDDED_DIR / "eval24",
+    "embedded-eval7": EMBEDDED_DIR / "eval",
+    "embedded-train": EMBEDDED_DIR / "train",
+    "embedded-val": EMBEDDED_DIR / "val",
+}
 SCALES = (2, 3, 4)
 log = logging.getLogger("pipeline")
 
@@ -111,6 +122,30 @@ class PairFolder:
 
     def __iter__(self) -> Iterator[Pair]:
         return (self.load(i) for i in range(len(self)))
+
+
+class PairSets:
+    """Several datasets read as one, in order (the validation split: held-out training images and `data.val`)."""
+
+    def __init__(self, parts: list[PairFolder]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __iter__(self) -> Iterator[Pair]:
+        return (pair for part in self.parts for pair in part)
+
+    def __str__(self) -> str:
+        return " + ".join(str(part.folder) for part in self.parts)
+
+
+def train_and_validation(train: str, val_count: int, val: str, scale: int) -> tuple[PairFolder, PairSets]:
+    """The training images, and the validation split: the `val_count` images of `train` held out (evenly spaced in
+    name order), then every image of the dataset `val` ('' for none)."""
+    kept, held_out = PairFolder(train, scale).split(val_count)
+    parts = [held_out, *([PairFolder(val, scale)] if val else [])]
+    return kept, PairSets([part for part in parts if len(part)])
 
 
 class PatchSampler:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from pipeline.backends.base import BicubicRunner, Runner
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config
-from pipeline.data.datasets import Pair, PairFolder
+from pipeline.data.datasets import Pair, PairFolder, PairSets, train_and_validation
 from pipeline.errors import UserError
 from pipeline.metrics import SSIM_WINDOW, psnr_rgb, psnr_y, ssim_y
 from pipeline.modelio import load_model
@@ -48,22 +48,25 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr_y", "ssim_y", "psnr_rgb")}
 
 
-def eval_rows(runner: Runner, data: str | PairFolder, scale: int, progress: bool = True) -> dict[str, Any]:
-    pairs = data if isinstance(data, PairFolder) else PairFolder(data, scale)
+def eval_rows(runner: Runner, data: str | PairFolder | PairSets, scale: int, progress: bool = True) -> dict[str, Any]:
+    pairs = PairFolder(data, scale) if isinstance(data, str) else data
     with runner:
         rows = evaluate(runner, pairs, scale, progress)
     return {"model": runner.name, "data": str(data), "scale": scale, "rows": rows, "mean": mean_row(rows)}
 
 
-def validation_split(cfg: Config) -> PairFolder:
-    """The training images held out of every training stage (`data.val_count`): where hyperparameters are chosen."""
-    if not cfg.data.val_count:
-        raise UserError("data.val_count is 0: there is no validation split to choose hyperparameters on")
-    return PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)[1]
+def validation_split(cfg: Config) -> PairSets:
+    """The images held out of every training stage (`data.val_count` training images, then `data.val`): where
+    hyperparameters are chosen."""
+    val = train_and_validation(cfg.data.train, cfg.data.val_count, cfg.data.val, cfg.scale)[1]
+    if not len(val):
+        raise UserError("data.val_count is 0 and data.val is empty: there is no validation split to choose "
+                        "hyperparameters on")
+    return val
 
 
 def eval_models(cfg: Config, models: dict[str, Path], progress: bool,
-                data: str | PairFolder | None = None) -> list[dict[str, Any]]:
+                data: str | PairFolder | PairSets | None = None) -> list[dict[str, Any]]:
     """Bicubic, then each named checkpoint, on `data` (default: the eval set)."""
     data = cfg.data.eval if data is None else data
     results = [eval_rows(BicubicRunner(cfg.scale), data, cfg.scale, progress)]

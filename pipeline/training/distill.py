@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from models import SRNet, create_model, save_checkpoint
 from pipeline.config import Config
-from pipeline.data.datasets import PairFolder, PatchSampler
+from pipeline.data.datasets import PatchSampler, train_and_validation
 from pipeline.errors import UserError
 from pipeline.training.losses import (Adaptors, adaptive_gate, facd_contrastive, feature_distill, l1, output_distill,
                                       patch_psnr, tap_indices)
@@ -48,6 +48,7 @@ def make_loss(cfg: Config, teacher: SRNet | None, teacher_taps: list[int]) -> Lo
             return loss, parts
         with torch.no_grad():
             sr_t, ft = teacher.forward_features(lr, teacher_taps)
+            ft = [t / teacher.feature_range for t in ft]  # on the [0, 1] image scale, like the student's (Trainee)
         gate = adaptive_gate(sr, sr_t, hr, d.gate_margin, d.gate_fraction)
         parts["gate_rate"] = gate.mean().item()
         weight = gate if method == "facd" else None
@@ -74,7 +75,7 @@ PROBE_PATCHES = 64  # validation patches on which the gate is measured at every 
 def validation_gate_probe(cfg: Config, teacher: SRNet, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
     """The gate on fixed patches of the validation split (held out of every training stage, so the teacher never
     saw them): the share of patches with an advantage above `distill.gate_margin` and the mean advantage (dB)."""
-    _train, val = PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)
+    _train, val = train_and_validation(cfg.data.train, cfg.data.val_count, cfg.data.val, cfg.scale)
     lr, hr = PatchSampler(list(val), cfg.train.lr_patch, cfg.scale).sample(PROBE_PATCHES,
                                                                             torch.Generator().manual_seed(0))
     lr, hr = lr.to(device), hr.to(device)
@@ -113,7 +114,8 @@ def distill_student(cfg: Config, teacher: SRNet, out_dir: Path, final: Path, *, 
         trainee = Trainee(student, student_taps, Adaptors(student.channels, teacher.channels, len(student_taps)))
         log.info("distill: student taps %s, teacher taps %s", student_taps, teacher_taps)
     frozen = teacher.to(ctx.device).eval().requires_grad_(False)
-    probe = validation_gate_probe(cfg, frozen, ctx.device) if cfg.data.val_count and ctx.is_main else None
+    has_val = cfg.data.val_count or cfg.data.val
+    probe = validation_gate_probe(cfg, frozen, ctx.device) if has_val and ctx.is_main else None
     result = fit(trainee, make_loss(cfg, None if method == "none" else frozen, teacher_taps), cfg, out_dir,
                  resume=resume, progress=progress, label=f"distill {method}", ctx=ctx, probe=probe)
     if ctx.is_main:

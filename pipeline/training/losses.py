@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from models.common import RGB_RANGE
 
 Negatives = Literal["other-images", "all-positions"]
 
@@ -53,14 +52,13 @@ def output_distill(sr_s: Tensor, sr_t: Tensor, weight: Tensor | None = None) -> 
 
 
 def feature_distill(fs: Sequence[Tensor], ft: Sequence[Tensor], weight: Tensor | None = None) -> Tensor:
-    """FD: L1 between adapted student features and teacher features, averaged over taps.
+    """FD: L1 between adapted student features and teacher features, both on the [0, 1] image scale of the
+    reconstruction L1 (each network's features divided by its `feature_range`), averaged over taps.
 
-    Body features live on the networks' internal x255 scale; the difference is divided by that factor, so FD is on
-    the [0, 1] image scale of the reconstruction L1, as in the EDSR-PyTorch-derived SR-KD codes (FAKD, CSD), where
-    pixels and features are both on the 0-255 scale.
+    For two EDSR-like networks (x255 features) this is the x255 L1 divided by 255, as in the EDSR-PyTorch-derived SR-KD
+    codes (FAKD, CSD), where pixels and features are both on the 0-255 scale.
     """
-    terms = [_weighted_patch_mean((s - t).abs().flatten(1).mean(1) / RGB_RANGE, weight)
-             for s, t in zip(fs, ft, strict=True)]
+    terms = [_weighted_patch_mean((s - t).abs().flatten(1).mean(1), weight) for s, t in zip(fs, ft, strict=True)]
     return torch.stack(terms).mean()
 
 

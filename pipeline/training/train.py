@@ -31,7 +31,7 @@ from tqdm import tqdm
 from models import SRNet, create_model, load_checkpoint, save_checkpoint
 from pipeline.backends.torch_runner import TorchRunner
 from pipeline.config import Config, TrainSection
-from pipeline.data.datasets import ImageTooSmall, PairFolder, PatchSampler
+from pipeline.data.datasets import ImageTooSmall, PairFolder, PatchSampler, train_and_validation
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.evaluation.evaluate import check_size, evaluate, mean_row
 
@@ -41,8 +41,8 @@ log = logging.getLogger("pipeline")
 class Trainee(nn.Module):
     """What a training step updates: the network and, for distillation, the adaptors of its feature taps.
 
-    `forward(lr)` returns (SR, adapted features at `taps`); without taps the feature list is empty and the network
-    runs its plain forward.
+    `forward(lr)` returns (SR, adapted features at `taps`, on the [0, 1] image scale: divided by the network's
+    `feature_range`); without taps the feature list is empty and the network runs its plain forward.
     """
 
     def __init__(self, net: SRNet, taps: list[int] | None = None, adaptors: nn.Module | None = None):
@@ -54,7 +54,7 @@ class Trainee(nn.Module):
         if not self.taps:
             return self.net(lr), []
         sr, feats = self.net.forward_features(lr, self.taps)
-        return sr, self.adaptors(feats)
+        return sr, [f / self.net.feature_range for f in self.adaptors(feats)]
 
 
 # loss_fn(trainee, lr, hr, generator) -> (loss, {name: float}); `trainee` may be the DDP wrapper of the Trainee, and
@@ -107,7 +107,7 @@ def batch_generator(seed: int, it: int) -> torch.Generator:
 
 
 def load_train_patches(cfg: Config, progress: bool) -> PatchSampler:
-    data, _val = PairFolder(cfg.data.train, cfg.scale).split(cfg.data.val_count)
+    data, _val = train_and_validation(cfg.data.train, cfg.data.val_count, cfg.data.val, cfg.scale)
     pairs = []
     for i in tqdm(range(len(data)), desc=f"load {cfg.data.train}", unit="img", disable=not progress, leave=False):
         try:
