@@ -355,12 +355,13 @@ def check(debs_dir: Path, shipped: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.data.build_embedded",
-        description="Rebuild the embedded crops (train/: 512x512, eval24/: 360x360) from five Debian .debs.")
+        description="Rebuild the embedded crops (train/ and val/: 512x512, eval24/: 360x360) from five Debian .debs.")
     parser.add_argument("--debs", type=Path, required=True,
                         help="folder holding the five .deb files (apt-get download lomiri-wallpapers-16.04 "
                              "lomiri-wallpapers-20.04 mate-backgrounds lxqt-themes plasma-workspace-wallpapers)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"folder holding train/ and eval24/ (default: the package's embedded/, {DEFAULT_OUT})")
+                        help=f"folder holding train/, val/ and eval24/ (default: the package's embedded/, "
+                             f"{DEFAULT_OUT})")
     parser.add_argument("--check", action="store_true",
                         help="rebuild into a temp folder and compare against the PNGs in --out instead of writing")
     args = parser.parse_args(argv)
