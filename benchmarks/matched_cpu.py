@@ -126,7 +126,8 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{d.get('verdict', '') if d else ''} | "
                      + (f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f} |" if "train_gate_rate" in g else " |"))
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
-    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); two runs at a time, one thread each. "
+    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); one thread per run, other runs and jobs "
+                 "sharing the cores (wall clocks carry their load). "
                  "GFLOPs / iteration: the Convs of the student's forward and backward (3 forwards) and of the "
                  "teacher's forward, on one batch.")
     return "\n".join(lines) + "\n"
