@@ -98,6 +98,20 @@ def latencies(run: Path) -> dict[str, Any]:
     return out
 
 
+def shape_and_speed(run: Path, scale: int, teacher_ms: float) -> dict[str, Any]:
+    """The columns that depend on the student's shape only: size, latency on this machine and its ratios."""
+    model = load_model(run / STUDENT, scale)
+    timed = latencies(run)
+    print(f"{run.name}: " + ", ".join(f"{k} {v['p50_ms']:.0f} ms" for k, v in timed.items()), flush=True)
+    fp32 = timed["ort_fp32"]["p50_ms"]
+    best_fp32 = min(timed[k]["p50_ms"] for k in ("ort_fp32", "ov_fp32"))
+    best_int8 = min(timed[k]["p50_ms"] for k in ("ort_int8", "ov_int8"))
+    return {"model": model.config, "params": count_params(model), "gflops": count_flops(model, (360, 640)) / 1e9,
+            "latency": timed, "latency_from": run.name, "speedup_vs_teacher_ort_fp32": teacher_ms / fp32,
+            "ort_int8_over_ort_fp32": timed["ort_int8"]["p50_ms"] / fp32, "best_int8_over_ort_fp32": best_int8 / fp32,
+            "best_int8_over_best_fp32": best_int8 / best_fp32}
+
+
 def paired(by_preset: dict[str, dict[int, dict[str, Any]]], name: str, baseline: str) -> dict[str, Any] | None:
     """`name` - `baseline` on their common seeds, paired per seed and image: the study's bootstrap and a seed-level
     t interval; None with fewer than 2 common seeds."""
@@ -166,26 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             table.append({"preset": preset, "per_seed": per_seed, "psnr_y_mean": float(np.mean(
                 [r["psnr_y"] for r in per_seed.values()])), "facd_minus_this": facd_pairs.get(preset)})
             continue
-        first = runs[preset][min(runs[preset])]
-        model = load_model(first / STUDENT, cfg.scale)
-        timed = latencies(first)
-        print(f"{preset}: " + ", ".join(f"{k} {v['p50_ms']:.0f} ms" for k, v in timed.items()), flush=True)
+        shape = shape_and_speed(runs[preset][min(runs[preset])], cfg.scale, teacher["ort_fp32_p50_ms"])
         mean = float(np.mean([r["psnr_y"] for r in per_seed.values()]))
         share = (mean - bicubic) / (teacher_psnr - bicubic)
-        speedup = teacher["ort_fp32_p50_ms"] / timed["ort_fp32"]["p50_ms"]
-        best_fp32 = min(timed[k]["p50_ms"] for k in ("ort_fp32", "ov_fp32"))
-        best_int8 = min(timed[k]["p50_ms"] for k in ("ort_int8", "ov_int8"))
         int8 = [r for r in per_seed.values() if "int8_all_eval_drop_db" in r]
-        table.append({"preset": preset, "model": model.config, "params": count_params(model),
-                      "gflops": count_flops(model, (360, 640)) / 1e9, "latency": timed, "latency_from": first.name,
-                      "psnr_y_mean": mean, "share_of_teacher_gain": share, "speedup_vs_teacher_ort_fp32": speedup,
-                      "ort_int8_over_ort_fp32": timed["ort_int8"]["p50_ms"] / timed["ort_fp32"]["p50_ms"],
-                      "best_int8_over_ort_fp32": best_int8 / timed["ort_fp32"]["p50_ms"],
-                      "best_int8_over_best_fp32": best_int8 / best_fp32,
+        table.append({"preset": preset, **shape, "psnr_y_mean": mean, "share_of_teacher_gain": share,
                       "int8_all_eval_drop_db": float(np.mean([r["int8_all_eval_drop_db"] for r in int8])),
                       "int8_all_holdout_drop_db": float(np.mean([r["int8_all_holdout_drop_db"] for r in int8])),
                       "int8_seeds": [k for k, r in per_seed.items() if "int8_all_eval_drop_db" in r],
-                      "meets_15x": speedup >= 15, "meets_half_gain": share >= 0.5,
+                      "meets_15x": shape["speedup_vs_teacher_ort_fp32"] >= 15, "meets_half_gain": share >= 0.5,
                       "vs_tiny_student": pairs.get(preset), "per_seed": per_seed})
     result = {"machine": machine(), "versions": versions(), "lr_size": LR, "scale": cfg.scale, "seeds": args.seeds,
               "recipe": f"pipeline all's: facd, {cfg.train.iters} iterations, from the shipped {cfg.model.teacher}",
@@ -207,16 +210,7 @@ def latency_table(runs: dict[str, dict[int, Path]], args: argparse.Namespace, sc
     for preset, run in first_run.items():
         if not args.skip_stages:
             stages(run, preset)
-        model = load_model(run / STUDENT, scale)
-        timed = latencies(run)
-        fp32, best_fp32 = timed["ort_fp32"]["p50_ms"], min(timed[k]["p50_ms"] for k in ("ort_fp32", "ov_fp32"))
-        best_int8 = min(timed[k]["p50_ms"] for k in ("ort_int8", "ov_int8"))
-        table.append({"preset": preset, "params": count_params(model), "gflops": count_flops(model, (360, 640)) / 1e9,
-                      "latency": timed, "latency_from": run.name,
-                      "speedup_vs_teacher_ort_fp32": teacher["ort_fp32_p50_ms"] / fp32,
-                      "ort_int8_over_ort_fp32": timed["ort_int8"]["p50_ms"] / fp32,
-                      "best_int8_over_ort_fp32": best_int8 / fp32, "best_int8_over_best_fp32": best_int8 / best_fp32})
-        print(f"{preset}: " + ", ".join(f"{k} {v['p50_ms']:.0f} ms" for k, v in timed.items()), flush=True)
+        table.append({"preset": preset, **shape_and_speed(run, scale, teacher["ort_fp32_p50_ms"])})
     result = {"machine": machine(), "versions": versions(), "lr_size": LR, "scale": scale, "teacher": teacher,
               "candidates": table, "measured_in_s": time.perf_counter() - start}
     m = result["machine"]
