@@ -1,13 +1,16 @@
 """Matched compute: every distilled or plain-trained student of the given run folders, with its training wall clock
-(one thread, from its log) and its eval-set Y-PSNR as it trained, against `facd` at `pipeline all`'s 600 iterations.
+(one thread, from its log) and its eval-set Y-PSNR as it trained, against a reference group (default: `none` at
+`pipeline all`'s 600 iterations: the same student without a teacher), on the validation split (where a choice is made)
+and on the eval set (what is reported).
 
     python benchmarks/matched_cpu.py --runs runs/matched24 --out benchmarks/results/matched_cpu_eval24
 
 A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
 log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
-student is evaluated per image, so that every (method, iterations) group is compared with the reference group, paired
-per seed and image (seed-level t interval and bootstrap). Writes `<out>.json`, `<out>.md` and `<out>.png`.
+student is evaluated per image on both splits, so that every (method, iterations) group is compared with the
+reference group, paired per seed and image (seed-level t interval and bootstrap). Writes `<out>.json`, `<out>.md`
+and `<out>.png`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,11 @@ import numpy as np
 
 from models import count_flops, create_model
 from pipeline.config import load_config
-from pipeline.evaluation.evaluate import eval_models
+from pipeline.evaluation.evaluate import eval_models, validation_split
 from pipeline.machine import machine
 from pipeline.plots import pyplot, save_figure
 from pipeline.rundir import STUDENT, load_manifest, versions, write_json_atomic, write_text_atomic
 from pipeline.training import study
-
-REFERENCE = ("facd", 600)
-
 
 def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
     """Convolution GFLOPs of one training iteration: the student's forward and backward (3 forwards) and, for a
@@ -69,25 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/matched24")])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/matched_cpu_eval24"))
     p.add_argument("--student", default="anchor_m")
+    p.add_argument("--reference", default="none:600", help="the group every other is compared with: METHOD:ITERS")
     args = p.parse_args(argv)
+    method, _, iters = args.reference.rpartition(":")
+    reference = (method, int(iters))
     cfg = load_config()
+    splits = {"val": validation_split(cfg), "eval": None}
     runs = [read_run(d, cfg.model.teacher) for root in args.runs for d in sorted(root.iterdir())
             if (d / STUDENT).is_file() and (d / "student" / "log.jsonl").is_file()]
     runs = [r for r in runs if r["student"] == args.student and r["curve"] and r["curve"][-1]["iter"] == r["iters"]]
     for r in runs:
-        (result,) = eval_models(cfg, {"s": Path(r["run"]) / STUDENT}, progress=False)[1:]
-        r["per_image"] = [row["psnr_y"] for row in result["rows"]]
-        r["psnr_y"] = result["mean"]["psnr_y"]
+        for split, data in splits.items():
+            (result,) = eval_models(cfg, {"s": Path(r["run"]) / STUDENT}, progress=False, data=data)[1:]
+            r[split] = {"per_image": [row["psnr_y"] for row in result["rows"]], "psnr_y": result["mean"]["psnr_y"]}
     groups: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["iters"]), {})[r["seed"]] = r
-    ref = groups.get(REFERENCE, {})
+    ref = groups.get(reference, {})
     table = []
     for (method, iters), by_seed in sorted(groups.items(), key=lambda kv: np.mean([r["wall_s"]
                                                                                   for r in kv[1].values()])):
-        row = {"method": method, "iters": iters, "seeds": sorted(by_seed),
-               "psnr_y": float(np.mean([r["psnr_y"] for r in by_seed.values()])),
-               "psnr_y_per_seed": [by_seed[k]["psnr_y"] for k in sorted(by_seed)],
+        row: dict[str, Any] = {"method": method, "iters": iters, "seeds": sorted(by_seed),
                "wall_s": float(np.mean([r["wall_s"] for r in by_seed.values()])),
                "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()])),
                "gflops_per_iter": by_seed[min(by_seed)]["gflops_per_iter"]}
@@ -95,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
             if all(key in r for r in by_seed.values()):
                 row[key] = float(np.mean([r[key] for r in by_seed.values()]))
         common = sorted(set(by_seed) & set(ref))
-        if (method, iters) != REFERENCE and len(common) >= 2:
-            psnr = {"ref": np.array([ref[k]["per_image"] for k in common]),
-                    "this": np.array([by_seed[k]["per_image"] for k in common])}
-            row["minus_reference"] = {**study.compare(psnr, "ref")[1], "seeds": common}
+        for split in splits:
+            row[split] = {"psnr_y": float(np.mean([r[split]["psnr_y"] for r in by_seed.values()])),
+                          "psnr_y_per_seed": [by_seed[k][split]["psnr_y"] for k in sorted(by_seed)]}
+            if (method, iters) != reference and len(common) >= 2:
+                psnr = {"ref": np.array([ref[k][split]["per_image"] for k in common]),
+                        "this": np.array([by_seed[k][split]["per_image"] for k in common])}
+                row[split]["minus_reference"] = {**study.compare(psnr, "ref")[1], "seeds": common}
         table.append(row)
     result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
-              "reference": f"{REFERENCE[0]} at {REFERENCE[1]} iterations", "groups": table, "runs": runs}
+              "reference": f"{reference[0]} at {reference[1]} iterations", "groups": table, "runs": runs}
     write_json_atomic(args.out.with_suffix(".json"), result)
     write_text_atomic(args.out.with_suffix(".md"), format_table(result))
     plot(result, args.out.with_suffix(".png"))
@@ -111,25 +116,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, eval set Y-PSNR), "
-             f"against {result['reference']}; training wall clock on one thread.", "",
-             "| method | iterations | seeds | Y-PSNR (per seed) | wall clock (s) | s / iteration | "
-             "GFLOPs / iteration | minus reference: seed-t 95 % (bootstrap) | verdict | gate rate train / val |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(split: dict[str, Any]) -> str:
+        seeds = ", ".join(f"{v:.3f}" for v in split["psnr_y_per_seed"])
+        d = split.get("minus_reference")
+        vs = (f" {d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
+              f" {d['verdict']}" if d and "ci_low" in d else "")
+        return f"{split['psnr_y']:.3f} ({seeds}){vs}"
+
+    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, Y-PSNR), against "
+             f"{result['reference']}: difference, seed-t 95 % [interval] (bootstrap) and verdict; training wall clock "
+             "on one thread.", "",
+             "| method | iterations | seeds | validation (per seed), minus reference | "
+             "eval (per seed), minus reference | wall clock (s) | s / iteration | GFLOPs / iteration | "
+             "gate rate train / val |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
-        d = g.get("minus_reference")
-        vs = (f"{d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
-              if d and "ci_low" in d else "")
-        seeds = ", ".join(f"{v:.3f}" for v in g["psnr_y_per_seed"])
-        lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {g['psnr_y']:.3f} ({seeds}) | "
-                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {vs} | "
-                     f"{d.get('verdict', '') if d else ''} | "
-                     + (f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f} |" if "train_gate_rate" in g else " |"))
+        gate = f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f}" if "train_gate_rate" in g else ""
+        lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {cell(g['val'])} | {cell(g['eval'])} | "
+                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
     lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); one thread per run, other runs and jobs "
                  "sharing the cores (wall clocks carry their load). "
                  "GFLOPs / iteration: the Convs of the student's forward and backward (3 forwards) and of the "
-                 "teacher's forward, on one batch.")
+                 "teacher's forward, on one batch. Validation: the 10 images no training stage saw "
+                 "(`data.val_count` + `data.val`); eval: the 24 eval crops.")
     return "\n".join(lines) + "\n"
 
 

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("distill", "distil the student from the teacher into <run-dir>/student.pt")
     _add_run_args(p)
     _add_teacher_arg(p)
-    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's, facd)")
+    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's; the CPU recipe: out)")
 
     p = command("ablate", "distil one student per method and seed from the same teacher; paired comparison with "
                 "`none` on the eval set (ablation.{json,md,png})")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "and `none`, per seed; paired comparison (sweep.{json,md,png})")
     _add_run_args(p)
     _add_teacher_arg(p)
-    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's, facd)")
+    p.add_argument("--method", choices=METHODS, help="sets distill.method (default: the config's; the CPU recipe: out)")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="config key and its values; repeat for more keys (every combination is trained)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED",
@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="time again even when the recorded table is up to date; "
                    "with --bundle, replace an existing probe folder")
 
-    p = command("all", "every stage in order: teacher (unless --teacher is given), distill (facd), eval, export, "
-                       "quantize, build (where TensorRT runs), verify")
+    p = command("all", "every stage in order: teacher (unless --teacher is given), distill (distill.method), eval, "
+                       "export, quantize, build (where TensorRT runs), verify")
     _add_run_args(p)
     p.add_argument("--teacher", type=Path, help="use this teacher checkpoint instead of training one")
     _add_budget_args(p)

@@ -70,12 +70,12 @@ def test_teacher_of_another_scale_or_too_many_taps(tmp_path, teacher):
         distill_student(small_config("scale=2"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
                         progress=False)
     with pytest.raises(UserError, match="distill.taps"):
-        distill_student(small_config("distill.taps=6"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
-                        progress=False)
+        distill_student(small_config("distill.taps=6", 'distill.method="facd"'), teacher, tmp_path / "w",
+                        tmp_path / "s.pt", resume=False, progress=False)
 
 
 def test_interrupted_distillation_resumes_exactly(tmp_path, teacher, monkeypatch):
-    cfg = small_config("train.iters=6", "train.ckpt_every=2", "facd.max_anchors=64")
+    cfg = small_config("train.iters=6", "train.ckpt_every=2", 'distill.method="facd"', "facd.max_anchors=64")
     straight = tmp_path / "straight.pt"
     distill_student(cfg, teacher, tmp_path / "a", straight, resume=False, progress=False)
 
@@ -167,8 +167,8 @@ def test_facd_runs_under_two_processes(tmp_path, teacher):
 
 def test_facd_with_one_patch_per_process_is_refused(tmp_path, teacher):
     with pytest.raises(UserError, match="at least 2 patches"):
-        distill_student(small_config("train.batch=1"), teacher, tmp_path / "w", tmp_path / "s.pt", resume=False,
-                        progress=False)
+        distill_student(small_config("train.batch=1", 'distill.method="facd"'), teacher, tmp_path / "w",
+                        tmp_path / "s.pt", resume=False, progress=False)
 
 
 def test_fd_terms_are_of_comparable_size_on_real_patches(teacher):

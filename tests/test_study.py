@@ -113,7 +113,7 @@ def test_validation_split_is_held_out_and_evenly_spaced():
 def test_gate_statistics_on_training_and_validation_patches(tmp_path):
     torch.manual_seed(0)
     teacher = create_model("tiny_teacher", scale=4).eval().requires_grad_(False)
-    cfg = load_config("tiny", None, [*SMALL, "train.eval_every=1"])
+    cfg = load_config("tiny", None, [*SMALL, "train.eval_every=1", 'distill.method="facd"'])
     distill_student(cfg, teacher, tmp_path / "w", tmp_path / "s.pt", resume=False, progress=False)
     log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     probes = [r["probe"] for r in log if "probe" in r]
