@@ -3,14 +3,15 @@
 `pipeline all`'s 600 iterations: the same student without a teacher), on the validation split (where a choice is made)
 and on the eval set (what is reported).
 
-    python benchmarks/matched_cpu.py --runs runs/matched24 --out benchmarks/results/matched_cpu_eval24
+    python benchmarks/matched_cpu.py --runs runs/matched24 runs/students24 --out benchmarks/results/matched_cpu_eval24
 
 A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
 log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
 student is evaluated per image on both splits, so that every (method, iterations) group is compared with the
-reference group, paired per seed and image (seed-level t interval and bootstrap). Writes `<out>.json`, `<out>.md`
-and `<out>.png`.
+reference group and with the `none` group of the nearest wall clock, paired per seed and image (seed-level t interval
+and bootstrap). A method's label carries each weight that differs from the config's default (the weight grid).
+Writes `<out>.json`, `<out>.md` and `<out>.png` (the learning curves, with the teacher's eval Y-PSNR).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from models import count_flops, create_model
-from pipeline.config import load_config
+from pipeline.config import DistillSection, load_config
 from pipeline.evaluation.evaluate import eval_models, validation_split
 from pipeline.machine import machine
 from pipeline.plots import pyplot, save_figure
 from pipeline.rundir import STUDENT, load_manifest, versions, write_json_atomic, write_text_atomic
 from pipeline.training import study
+from pipeline.training.teachers import shipped_teacher
 
 def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
     """Convolution GFLOPs of one training iteration: the student's forward and backward (3 forwards) and, for a
@@ -39,6 +41,15 @@ def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
     if config["distill"]["method"] != "none":
         flops += count_flops(create_model(teacher, scale=scale), patch)
     return flops * train["batch"] / 1e9
+
+
+def variant(distill: dict[str, Any]) -> str:
+    """The method, with each weight or gate margin it uses that differs from the config's default."""
+    default, method = DistillSection(), distill["method"]
+    used = {"out": ["lambda_out"], "fd": ["lambda_out", "lambda_fd"], "facd": ["lambda_out", "lambda_facd",
+                                                                               "gate_margin"]}.get(method, [])
+    changed = [f"{key} {distill[key]:g}" for key in used if distill[key] != getattr(default, key)]
+    return f"{method} ({', '.join(changed)})" if changed else method
 
 
 def read_run(folder: Path, teacher: str) -> dict[str, Any]:
@@ -55,13 +66,28 @@ def read_run(folder: Path, teacher: str) -> dict[str, Any]:
         at[r["iter"]] = clock
     curve = [{"iter": r["iter"], "wall_s": at[r["iter"]], "psnr_y": r["eval"]["psnr_y"]} for r in records
              if "eval" in r]
-    method = config["distill"]["method"]
-    if method == "facd" and config["distill"]["gate_margin"]:
-        method = f"facd (gate margin {config['distill']['gate_margin']:g} dB)"
+    method = variant(config["distill"])
     return {"run": str(folder), "method": method, "iters": train["iters"],
             "seed": config["seed"], "student": config["model.student"], "wall_s": clock,
             "s_per_iter": clock / train["iters"], "gflops_per_iter": gflops_per_iter(config, teacher), "curve": curve,
             **study.gate_stats(folder / "student" / "log.jsonl")}
+
+
+def paired(this: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]], split: str) -> dict[str, Any] | None:
+    """`this` minus `ref` on `split`, paired per seed and image (None with fewer than 2 common seeds)."""
+    common = sorted(set(this) & set(ref))
+    if len(common) < 2:
+        return None
+    psnr = {"ref": np.array([ref[k][split]["per_image"] for k in common]),
+            "this": np.array([this[k][split]["per_image"] for k in common])}
+    return {**study.compare(psnr, "ref")[1], "seeds": common}
+
+
+def matched_none(groups: dict[tuple[str, int], dict[int, dict[str, Any]]], wall_s: float) -> int | None:
+    """Iterations of the `none` group whose mean training wall clock is nearest `wall_s` (on a log scale)."""
+    nones = {iters: np.mean([r["wall_s"] for r in by_seed.values()])
+             for (method, iters), by_seed in groups.items() if method == "none"}
+    return min(nones, key=lambda it: abs(np.log(nones[it] / wall_s))) if nones else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,16 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("train_gate_rate", "val_gate_rate"):
             if all(key in r for r in by_seed.values()):
                 row[key] = float(np.mean([r[key] for r in by_seed.values()]))
-        common = sorted(set(by_seed) & set(ref))
+        matched = matched_none(groups, row["wall_s"]) if method != "none" else None
+        if matched:
+            row["matched_none_iters"] = matched
         for split in splits:
             row[split] = {"psnr_y": float(np.mean([r[split]["psnr_y"] for r in by_seed.values()])),
                           "psnr_y_per_seed": [by_seed[k][split]["psnr_y"] for k in sorted(by_seed)]}
-            if (method, iters) != reference and len(common) >= 2:
-                psnr = {"ref": np.array([ref[k][split]["per_image"] for k in common]),
-                        "this": np.array([by_seed[k][split]["per_image"] for k in common])}
-                row[split]["minus_reference"] = {**study.compare(psnr, "ref")[1], "seeds": common}
+            if (method, iters) != reference:
+                row[split]["minus_reference"] = paired(by_seed, ref, split)
+            if matched and ("none", matched) != reference:
+                row[split]["minus_matched_none"] = paired(by_seed, groups[("none", matched)], split)
         table.append(row)
+    fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
     result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
+              "teacher": cfg.model.teacher, "eval_teacher_psnr_y": fixed[1]["mean"]["psnr_y"],
+              "eval_bicubic_psnr_y": fixed[0]["mean"]["psnr_y"],
               "reference": f"{reference[0]} at {reference[1]} iterations", "groups": table, "runs": runs}
     write_json_atomic(args.out.with_suffix(".json"), result)
     write_text_atomic(args.out.with_suffix(".md"), format_table(result))
@@ -116,25 +147,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
-
-    def cell(split: dict[str, Any]) -> str:
-        seeds = ", ".join(f"{v:.3f}" for v in split["psnr_y_per_seed"])
-        d = split.get("minus_reference")
-        vs = (f" {d['diff']:+.3f} [{d['t_low']:+.3f}, {d['t_high']:+.3f}] ([{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
-              f" {d['verdict']}" if d and "ci_low" in d else "")
-        return f"{split['psnr_y']:.3f} ({seeds}){vs}"
-
-    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped EDSR-baseline teacher, Y-PSNR), against "
-             f"{result['reference']}: difference, seed-t 95 % [interval] (bootstrap) and verdict; training wall clock "
-             "on one thread.", "",
-             "| method | iterations | seeds | validation (per seed), minus reference | "
-             "eval (per seed), minus reference | wall clock (s) | s / iteration | GFLOPs / iteration | "
-             "gate rate train / val |",
+    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped {result['teacher']} teacher: eval "
+             f"{result['eval_teacher_psnr_y']:.3f} dB; bicubic {result['eval_bicubic_psnr_y']:.3f} dB), Y-PSNR; "
+             "training wall clock on one thread.", "",
+             "| method | iterations | seeds | validation (per seed) | eval (per seed) | wall clock (s) | "
+             "s / iteration | GFLOPs / iteration | gate rate train / val |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         gate = f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f}" if "train_gate_rate" in g else ""
-        lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {cell(g['val'])} | {cell(g['eval'])} | "
+        per_seed = {split: f"{g[split]['psnr_y']:.3f} ({', '.join(f'{v:.3f}' for v in g[split]['psnr_y_per_seed'])})"
+                    for split in ("val", "eval")}
+        lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {per_seed['val']} | {per_seed['eval']} | "
                      f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
+    lines += ["", "Differences, paired per seed and image: against the reference "
+              f"({result['reference']}) and against `none` at the nearest training wall clock. Seed-t 95 % interval "
+              "(bootstrap over seeds and images); the verdict holds under both.", "",
+              "| method | iterations | against | seeds | validation | eval |", "|---|---|---|---|---|---|"]
+    for g in result["groups"]:
+        against = {"minus_reference": result["reference"],
+                   "minus_matched_none": f"none at {g.get('matched_none_iters')} iterations (matched wall clock)"}
+        for key, name in against.items():
+            d = {split: g[split].get(key) for split in ("val", "eval")}
+            if d["eval"] and "ci_low" in d["eval"]:
+                cells = [f"{x['diff']:+.3f} [{x['t_low']:+.3f}, {x['t_high']:+.3f}] ([{x['ci_low']:+.3f}, "
+                         f"{x['ci_high']:+.3f}]) {x['verdict']}" for x in (d["val"], d["eval"])]
+                lines.append(f"| {g['method']} | {g['iters']} | {name} | {len(d['eval']['seeds'])} | {cells[0]} | "
+                             f"{cells[1]} |")
     flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
     lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); one thread per run, other runs and jobs "
                  "sharing the cores (wall clocks carry their load). "
@@ -156,6 +194,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     alpha=0.7, label=None if group in labelled else group)
         labelled.add(group)
     for ax, name in zip(axes, ("training wall clock, one thread (s)", "iterations")):
+        ax.axhline(result["eval_teacher_psnr_y"], color="k", linestyle="--", linewidth=1,
+                   label=f"teacher ({result['teacher']})")
         ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("eval-set Y-PSNR (dB)")

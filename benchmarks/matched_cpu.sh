@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Matched compute on the default student (issue: the study a user would trust): does distillation beat training the
-# student longer without a teacher? On the 24-crop eval set (the training images are those of the committed
-# 7-photo figures: the 12 the shipped teacher trained on): anchor_m with none, fd, facd and out at `pipeline all`'s 600
-# iterations and with none at 4x (a `none` iteration costs about a seventeenth of a `facd` one), cheapest first so
-# that an interrupted lane still holds whole comparisons; then 8 seeds where a difference is under 0.05 dB (out - none
-# on the validation split; on the 7-photo set it was facd - fd, here fd leads facd by about 0.25 dB); then every
-# method at 4x. Every run evaluates on the eval set as it goes (learning curves). Each copy of the script is one lane
-# of one thread working down the same list (a run another lane holds is left to it); start one per free core. An
-# interrupted run resumes; a finished one is skipped:
+# student longer without a teacher? On the 24-crop eval set, anchor_m from the shipped teacher. In order, so that an
+# interrupted lane still holds whole comparisons: seeds 3-7 of out and none at `pipeline all`'s 600 iterations (with
+# benchmarks/students_cpu.sh's seeds 0-2, 8 seeds where the difference is under 0.05 dB); none at 4x and 6x (about
+# out's wall clock at 600: a `none` iteration costs about a sixth of an `out` one and a tenth of a `fd`/`facd` one);
+# facd; out at 4x; the lambda_out grid beyond its default 3; the gate at a margin that closes a quarter of the
+# patches; then the rest of every method to 4x. Every run evaluates on the eval set as it goes (learning curves).
+# Each copy of the script is one lane of one thread working down the same list (a run another lane holds is left to
+# it); start one per free core. An interrupted run resumes; a finished one is skipped:
 #
 #   bash benchmarks/matched_cpu.sh & bash benchmarks/matched_cpu.sh &
-#   .venv/bin/python benchmarks/matched_cpu.py --runs runs/matched24 --out benchmarks/results/matched_cpu_eval24
+#   .venv/bin/python benchmarks/matched_cpu.py --runs runs/matched24 runs/students24 \
+#       --out benchmarks/results/matched_cpu_eval24
 #
 # benchmarks/results/matched_cpu.* (the 7-photo eval set) came from this script at commit 8761608, whose lanes also
 # ran none at 10x and facd with a 0.03 dB gate margin, beside benchmarks/students_cpu.sh's facd and none runs.
@@ -18,24 +19,35 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/matched24}
 PIPELINE=${PIPELINE:-.venv/bin/pipeline}
-run() {  # method, iterations, seed[, gate margin (dB)]
-    local margin=${4:-0} dir="$RUNS/$1$([ "${4:-0}" = 0 ] || echo "-m$4")-i$2-seed$3" resume=()
+run() {  # tag, iterations, seed, then `--set` overrides (KEY=VALUE) beyond method, iterations and seed
+    local tag=$1 iters=$2 seed=$3 dir="$RUNS/$1-i$2-seed$3" resume=() sets=() kv
+    shift 3
+    for kv in "$@"; do sets+=(--set "distill.$kv"); done
     exec 9> "$dir.lock"
     flock -n 9 || return 0
     [ -f "$dir/student/last.pt" ] && resume=(--resume)
     OMP_NUM_THREADS=1 "$PIPELINE" -q distill --run-dir "$dir" "${resume[@]}" --set 'model.student="anchor_m"' \
-        --set "distill.method=\"$1\"" --set "train.iters=$2" --set "train.eval_every=$(($2 / 6))" --set "seed=$3" \
-        --set "distill.gate_margin=$margin"
+        --set "distill.method=\"${tag%%-*}\"" --set "train.iters=$iters" --set "train.eval_every=$((iters / 6))" \
+        --set "seed=$seed" "${sets[@]}"
 }
 mkdir -p "$RUNS"
 lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
 {
-    for s in 0 1 2; do run none 600 "$s"; done
-    for s in 0 1 2; do run fd 600 "$s"; done
-    for s in 0 1 2; do run none 2400 "$s"; done
-    for s in 0 1 2; do run facd 600 "$s"; done
-    for s in 0 1 2; do run out 600 "$s"; done
     for s in 3 4 5 6 7; do run none 600 "$s"; run out 600 "$s"; done  # out - none is under 0.05 dB: 8 seeds
-    for m in facd out fd; do run "$m" 2400 0; done  # every method to 4x: learning curves (one seed so far)
+    for s in 0 1 2; do run none 2400 "$s"; done
+    run facd 600 0
+    run out 2400 0
+    for s in 0 1 2; do run none 3600 "$s"; done  # about out's wall clock at 600
+    for s in 0 1 2; do run out-lo10 600 "$s" lambda_out=10; done  # the weight grid beyond the default 3
+    for s in 1 2; do run facd 600 "$s"; done
+    # The gate at a margin that closes a quarter of the training patches (benchmarks/gate_margin.py on facd's
+    # seed 0, written to $RUNS/gate_margin.txt by hand).
+    margin=$(cat "$RUNS/gate_margin.txt" 2>/dev/null || true)
+    if [ -n "$margin" ]; then for s in 0 1 2; do run "facd-m$margin" 600 "$s" gate_margin="$margin"; done; fi
+    for s in 1 2; do run out 2400 "$s"; done
+    for s in 0 1 2; do run none 6000 "$s"; done  # about fd's and facd's wall clock at 600
+    for s in 0 1 2; do run fd 600 "$s"; done
+    for s in 0 1 2; do run out-lo1 600 "$s" lambda_out=1; done
+    for m in fd facd; do run "$m" 2400 0; done  # every method to 4x: learning curves
 } > "$RUNS/lane$$.log" 2>&1
 echo ALLDONE >> "$RUNS/lane$$.log"

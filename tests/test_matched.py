@@ -1,0 +1,66 @@
+"""The matched-compute study's helpers (benchmarks/matched_cpu.py, benchmarks/gate_margin.py): method labels, the
+`none` group of matched wall clock, paired differences, and the gate margin against the training gate itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model
+from pipeline.config import load_config
+from pipeline.data.datasets import PatchSampler, train_and_validation
+from pipeline.training.losses import adaptive_gate
+from conftest import load_script
+
+matched = load_script("benchmarks/matched_cpu.py")
+gate_margin = load_script("benchmarks/gate_margin.py")
+
+
+def test_a_label_names_each_changed_weight_the_method_uses():
+    distill = load_config().to_dict()["distill"]
+    assert matched.variant({**distill, "method": "out"}) == "out"
+    assert matched.variant({**distill, "method": "out", "lambda_out": 10.0}) == "out (lambda_out 10)"
+    assert matched.variant({**distill, "method": "none", "lambda_out": 10.0}) == "none"  # none uses no weight
+    assert matched.variant({**distill, "method": "facd", "gate_margin": 0.16}) == "facd (gate_margin 0.16)"
+    assert matched.variant({**distill, "method": "fd", "gate_margin": 0.16}) == "fd"  # only facd has the gate
+
+
+def test_the_matched_none_group_is_the_nearest_in_wall_clock_on_a_log_scale():
+    def group(wall_s):
+        return {0: {"wall_s": wall_s}, 1: {"wall_s": wall_s}}
+
+    groups = {("none", 600): group(60.0), ("none", 2400): group(240.0), ("out", 600): group(500.0)}
+    assert matched.matched_none(groups, 500.0) == 2400
+    # 100 s is 1.67x 60 s and 2.4x below 240 s: nearer 600 iterations on a log scale (nearer 2400 on a linear one)
+    assert matched.matched_none(groups, 100.0) == 600
+    assert matched.matched_none({("out", 600): group(500.0)}, 500.0) is None
+
+
+def test_paired_differences_use_the_common_seeds_only():
+    def runs(values):
+        return {seed: {"eval": {"per_image": per_image}} for seed, per_image in values.items()}
+
+    this = runs({0: [30.0, 31.0], 1: [30.5, 31.5], 2: [30.2, 31.2]})
+    ref = runs({1: [30.0, 31.0], 2: [30.0, 31.0], 3: [0.0, 0.0]})
+    d = matched.paired(this, ref, "eval")
+    assert d["seeds"] == [1, 2]
+    assert d["diff"] == pytest.approx((0.5 + 0.5 + 0.2 + 0.2) / 4)
+    assert d["t_low"] < d["diff"] < d["t_high"]
+    assert matched.paired(this, runs({2: [1.0, 1.0]}), "eval") is None  # one common seed: no interval
+
+
+def test_the_margin_closes_the_share_the_training_gate_closes():
+    torch.manual_seed(0)
+    teacher = create_model("tiny_teacher", scale=4).eval()
+    student = create_model("tiny_student", scale=4).eval()
+    cfg = load_config()
+    train, _val = train_and_validation(cfg.data.train, cfg.data.val_count, cfg.data.val, cfg.scale)
+    sampler = PatchSampler(list(train), 12, cfg.scale)
+    adv = gate_margin.advantages(student, teacher, sampler, 128, seed=3)
+    margin = float(np.quantile(adv, 0.25))
+    lr, hr = sampler.sample(64, torch.Generator().manual_seed(3))  # the first batch advantages() drew
+    with torch.no_grad():
+        gate = adaptive_gate(student(lr), teacher(lr), hr, margin=margin)
+    np.testing.assert_allclose(gate.numpy(), adv[:64] > margin)
+    assert (adv > margin).mean() == pytest.approx(0.75, abs=1 / 128)
