@@ -185,10 +185,10 @@ def format_table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours, labelled = {}, set()
+    colours, labelled, palette = {}, set(), plt.get_cmap("tab20").colors
     for r in result["runs"]:
-        colour = colours.setdefault(r["method"], f"C{len(colours)}")
         group = f"{r['method']} ({r['iters']} it)"
+        colour = colours.setdefault(group, palette[len(colours) % len(palette)])
         for ax, key in zip(axes, ("wall_s", "iter")):
             ax.plot([c[key] for c in r["curve"]], [c["psnr_y"] for c in r["curve"]], marker=".", color=colour,
                     alpha=0.7, label=None if group in labelled else group)
