@@ -6,7 +6,8 @@ patch, so the adaptive part does nothing. For each run's final student this draw
 (random crops with flips and rotations of the training images) and the validation split's, measures every patch's
 teacher advantage, and prints its quantiles: the `--close` quantile is the margin that closes that share.
 
-    python benchmarks/gate_margin.py runs/matched24/facd-i600-seed0 --out benchmarks/results/gate_margin.json
+    python benchmarks/gate_margin.py runs/matched24/facd-i600-seed0 runs/students24/anchor_m-seed{0,1,2} \
+        --out benchmarks/results/gate_margin_anchor_m.json
 """
 
 from __future__ import annotations

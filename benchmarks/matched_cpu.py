@@ -9,8 +9,9 @@ A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; it
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
 log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
 student is evaluated per image on both splits, so that every (method, iterations) group is compared with the
-reference group and with the `none` group of the nearest wall clock, paired per seed and image (seed-level t interval
-and bootstrap). A method's label carries each weight that differs from the config's default (the weight grid).
+reference group, with the `none` group of the nearest wall clock and (a grid point) with the same method at the
+config's weights, paired per seed and image (seed-level t interval and bootstrap). A method's label carries each
+weight that differs from the config's default.
 Writes `<out>.json`, `<out>.md` and `<out>.png` (the learning curves, with the teacher's eval Y-PSNR).
 """
 
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if all(key in r for r in by_seed.values()):
                 row[key] = float(np.mean([r[key] for r in by_seed.values()]))
         matched = matched_none(groups, row["wall_s"]) if method != "none" else None
+        base = (method.split(" (")[0], iters)  # the same method with the config's weights and margin
         if matched:
             row["matched_none_iters"] = matched
         for split in splits:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[split]["minus_reference"] = paired(by_seed, ref, split)
             if matched and ("none", matched) != reference:
                 row[split]["minus_matched_none"] = paired(by_seed, groups[("none", matched)], split)
+            if base in groups and base != (method, iters):
+                row[split]["minus_default_weights"] = paired(by_seed, groups[base], split)
         table.append(row)
     fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
     result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
@@ -165,7 +169,9 @@ def format_table(result: dict[str, Any]) -> str:
               "| method | iterations | against | seeds | validation | eval |", "|---|---|---|---|---|---|"]
     for g in result["groups"]:
         against = {"minus_reference": result["reference"],
-                   "minus_matched_none": f"none at {g.get('matched_none_iters')} iterations (matched wall clock)"}
+                   "minus_matched_none": f"none at {g.get('matched_none_iters')} iterations (matched wall clock)",
+                   "minus_default_weights": f"{g['method'].split(' (')[0]} at {g['iters']} iterations (default "
+                                            "weights and margin)"}
         for key, name in against.items():
             d = {split: g[split].get(key) for split in ("val", "eval")}
             if d["eval"] and "ci_low" in d["eval"]:
