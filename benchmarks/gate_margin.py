@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config()  # the data and teacher of the config's defaults, as benchmarks/matched_cpu.sh trains
     train, val = train_and_validation(cfg.data.train, cfg.data.val_count, cfg.data.val, cfg.scale)
+    samplers = {split: PatchSampler(list(pairs), cfg.train.lr_patch, cfg.scale)
+                for split, pairs in (("train", train), ("val", val))}
     teacher = load_model(shipped_teacher(cfg.model.teacher, cfg.scale), cfg.scale).eval()
     result = {"machine": machine(), "teacher": cfg.model.teacher, "close": args.close, "patches": args.patches,
               "runs": []}
@@ -56,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_manifest(run / "manifest.json")["artifacts"][STUDENT]["config"]
         student = load_model(run / STUDENT, cfg.scale).eval()
         row = {"run": str(run), "method": config["distill"]["method"], "seed": config["seed"]}
-        for split, pairs in (("train", list(train)), ("val", list(val))):
-            adv = advantages(student, teacher, PatchSampler(pairs, cfg.train.lr_patch, cfg.scale), args.patches,
-                             seed=1)
+        for split, sampler in samplers.items():
+            adv = advantages(student, teacher, sampler, args.patches, seed=1)
             row[split] = {"open_at_0": float((adv > 0).mean()), "mean_db": float(adv.mean()),
                           "quantiles_db": {f"{q:g}": float(np.quantile(adv, q)) for q in QUANTILES},
                           "margin_to_close_db": float(np.quantile(adv, args.close))}

@@ -47,14 +47,15 @@ def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
 def variant(distill: dict[str, Any]) -> str:
     """The method, with each weight or gate margin it uses that differs from the config's default."""
     default, method = DistillSection(), distill["method"]
-    used = {"out": ["lambda_out"], "fd": ["lambda_out", "lambda_fd"], "facd": ["lambda_out", "lambda_facd",
-                                                                               "gate_margin"]}.get(method, [])
+    used = {"out": ["lambda_out"], "fd": ["lambda_out", "lambda_fd"],
+            "facd": ["lambda_out", "lambda_facd", "gate_margin", "gate_fraction"],
+            "facd-nogate": ["lambda_out", "lambda_facd"]}.get(method, [])
     changed = [f"{key} {distill[key]:g}" for key in used if distill[key] != getattr(default, key)]
     return f"{method} ({', '.join(changed)})" if changed else method
 
 
 def read_run(folder: Path, teacher: str) -> dict[str, Any]:
-    """Method (with its gate margin where not 0), iterations, seed, student, the curve (iteration, wall clock s, eval
+    """Method (its `variant` label), iterations, seed, student, the curve (iteration, wall clock s, eval
     Y-PSNR) of one run."""
     config = load_manifest(folder / "manifest.json")["artifacts"][STUDENT]["config"]
     train = config["train"]
