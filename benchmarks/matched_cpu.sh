@@ -4,8 +4,9 @@
 # interrupted lane still holds whole comparisons: seeds 3-7 of out and none at `pipeline all`'s 600 iterations (with
 # benchmarks/students_cpu.sh's seeds 0-2, 8 seeds where the difference is under 0.05 dB); none at 4x and 6x; facd;
 # out at 4x; the lambda_out grid beyond its default 3; the gate at a margin that closes a quarter of the patches;
-# none at 10x (about out's wall clock at 600: a `none` iteration costs about a tenth of an `out` one); then the rest
-# of every method to 4x. Every run evaluates on the eval set as it goes (learning curves).
+# none at 10x (about out's wall clock at 600: a `none` iteration costs about a tenth of an `out` one); out at 4x on
+# seeds 1-2; fd; fd and facd at 4x; the fd and facd weights beyond their defaults. Every run evaluates on the eval
+# set as it goes (learning curves).
 # Each copy of the script is one lane of one thread working down the same list (a run another lane holds is left to
 # it); start one per free core. An interrupted run resumes; a finished one is skipped:
 #
@@ -47,7 +48,8 @@ lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
     for s in 0 1 2; do run none 6000 "$s"; done  # about the wall clock of out at 600
     for s in 1 2; do run out 2400 "$s"; done
     for s in 0 1 2; do run fd 600 "$s"; done
-    for s in 0 1 2; do run out-lo1 600 "$s" lambda_out=1; done
     for m in fd facd; do run "$m" 2400 0; done  # every method to 4x: learning curves
+    for s in 0 1 2; do run fd-lf10 600 "$s" lambda_fd=10; done  # the feature weights beyond their defaults
+    for s in 0 1 2; do run facd-lc1 600 "$s" lambda_facd=1; done
 } > "$RUNS/lane$$.log" 2>&1
 echo ALLDONE >> "$RUNS/lane$$.log"
