@@ -9,9 +9,10 @@ A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; it
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
 log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
 student is evaluated per image on both splits, so that every (method, iterations) group is compared with the
-reference group, with the `none` group of the nearest wall clock and (a grid point) with the same method at the
-config's weights, paired per seed and image (seed-level t interval and bootstrap). A method's label carries each
-weight that differs from the config's default.
+reference group, with the `none` group of the nearest wall clock, with the method it extends at the same iterations
+(`fd` against `out`, `facd` against `fd`) and (a grid point) with the same method at the config's weights, paired
+per seed and image (seed-level t interval and bootstrap). A method's label carries each weight that differs from the
+config's default.
 Writes `<out>.json`, `<out>.md` and `<out>.png` (the learning curves, with the teacher's eval Y-PSNR).
 """
 
@@ -42,6 +43,11 @@ def gflops_per_iter(config: dict[str, Any], teacher: str) -> float:
     if config["distill"]["method"] != "none":
         flops += count_flops(create_model(teacher, scale=scale), patch)
     return flops * train["batch"] / 1e9
+
+
+# Each feature method against the one it extends: fd adds a feature term to out; facd swaps that term for the
+# contrastive one (and gates both terms).
+EXTENDS = {"fd": "out", "facd": "fd"}
 
 
 def variant(distill: dict[str, Any]) -> str:
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[split]["minus_reference"] = paired(by_seed, ref, split)
             if matched and ("none", matched) != reference:
                 row[split]["minus_matched_none"] = paired(by_seed, groups[("none", matched)], split)
+            if (EXTENDS.get(method), iters) in groups:
+                row[split]["minus_extended"] = paired(by_seed, groups[(EXTENDS[method], iters)], split)
             if base in groups and base != (method, iters):
                 row[split]["minus_default_weights"] = paired(by_seed, groups[base], split)
         table.append(row)
@@ -165,12 +173,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {per_seed['val']} | {per_seed['eval']} | "
                      f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
     lines += ["", "Differences, paired per seed and image: against the reference "
-              f"({result['reference']}) and against `none` at the nearest training wall clock. Seed-t 95 % interval "
+              f"({result['reference']}), against `none` at the nearest training wall clock, against the method a "
+              "feature method extends, and a grid point against its method's default. Seed-t 95 % interval "
               "(bootstrap over seeds and images); the verdict holds under both.", "",
               "| method | iterations | against | seeds | validation | eval |", "|---|---|---|---|---|---|"]
     for g in result["groups"]:
         against = {"minus_reference": result["reference"],
                    "minus_matched_none": f"none at {g.get('matched_none_iters')} iterations (matched wall clock)",
+                   "minus_extended": f"{EXTENDS.get(g['method'])} at {g['iters']} iterations (the method it extends)",
                    "minus_default_weights": f"{g['method'].split(' (')[0]} at {g['iters']} iterations (default "
                                             "weights and margin)"}
         for key, name in against.items():
