@@ -5,8 +5,9 @@
 # benchmarks/students_cpu.sh's seeds 0-2, 8 seeds where the difference is under 0.05 dB); none at 4x and 6x; facd;
 # out at 4x; the lambda_out grid beyond its default 3; the gate at a margin that closes a quarter of the patches;
 # none at 10x (about out's wall clock at 600: a `none` iteration costs about a tenth of an `out` one); out at 4x on
-# seeds 1-2; fd; fd and facd at 4x; the fd and facd weights beyond their defaults. Every run evaluates on the eval
-# set as it goes (learning curves).
+# seeds 1-2; fd; fd and facd at 4x; the fd and facd weights beyond their defaults; 8 seeds of lambda_out 10 (under
+# 0.05 dB from 3); fd and facd at 4x on seeds 1-2; 8 seeds of the gate margin and facd (under 0.05 dB apart). Every
+# run evaluates on the eval set as it goes (learning curves).
 # Each copy of the script is one lane of one thread working down the same list (a run another lane holds is left to
 # it); start one per free core. An interrupted run resumes; a finished one is skipped:
 #
@@ -51,5 +52,10 @@ lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
     for m in fd facd; do run "$m" 2400 0; done  # every method to 4x: learning curves
     for s in 0 1 2; do run fd-lf10 600 "$s" lambda_fd=10; done  # the feature weights beyond their defaults
     for s in 0 1 2; do run facd-lc1 600 "$s" lambda_facd=1; done
+    for s in 3 4 5 6 7; do run out-lo10 600 "$s" lambda_out=10; done  # 10 - 3 is under 0.05 dB: 8 seeds
+    for s in 1 2; do for m in fd facd; do run "$m" 2400 "$s"; done; done
+    if [ -n "$margin" ]; then  # the margin's effect is under 0.05 dB: 8 seeds
+        for s in 3 4 5 6 7; do run facd 600 "$s"; run "facd-m$margin" 600 "$s" gate_margin="$margin"; done
+    fi
 } > "$RUNS/lane$$.log" 2>&1
 echo ALLDONE >> "$RUNS/lane$$.log"
