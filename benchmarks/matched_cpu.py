@@ -3,7 +3,8 @@
 `pipeline all`'s 600 iterations: the same student without a teacher), on the validation split (where a choice is made)
 and on the eval set (what is reported).
 
-    python benchmarks/matched_cpu.py --runs runs/matched24 runs/students24 --out benchmarks/results/matched_cpu_eval24
+    python benchmarks/matched_cpu.py --runs runs/matched24 runs/students24 --out benchmarks/results/matched_cpu_eval24 \
+        --recorded benchmarks/results/matched_cpu_eval24.json
 
 A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
@@ -13,6 +14,8 @@ reference group, with the `none` group of the nearest wall clock, with the metho
 (`fd` against `out`, `facd` against `fd`) and (a grid point) with the same method at the config's weights, paired
 per seed and image (seed-level t interval and bootstrap). A method's label carries each weight that differs from the
 config's default.
+`--recorded`: an earlier results file, whose run records (curve and per-image Y-PSNR) stand in for the runs whose
+folders are gone (a fresh checkout holds only the committed results); a folder present is evaluated afresh.
 Writes `<out>.json`, `<out>.md` and `<out>.png` (the learning curves, with the teacher's eval Y-PSNR).
 """
 
@@ -81,6 +84,16 @@ def read_run(folder: Path, teacher: str) -> dict[str, Any]:
             **study.gate_stats(folder / "student" / "log.jsonl")}
 
 
+def recorded_runs(path: Path, present: set[str], teacher_psnr_y: float) -> list[dict[str, Any]]:
+    """The run records of the earlier results file `path` whose folders are not in `present`; refused (SystemExit)
+    when its teacher scored otherwise on the eval set: another eval set or teacher, not comparable."""
+    earlier = json.loads(path.read_text())
+    if abs(earlier["eval_teacher_psnr_y"] - teacher_psnr_y) > 1e-3:
+        raise SystemExit(f"{path}: its teacher scored {earlier['eval_teacher_psnr_y']:.4f} dB on the eval set, this "
+                         f"one {teacher_psnr_y:.4f} dB: another eval set or teacher, so its runs are not comparable")
+    return [r for r in earlier["runs"] if r["run"] not in present]
+
+
 def paired(this: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]], split: str) -> dict[str, Any] | None:
     """`this` minus `ref` on `split`, paired per seed and image (None with fewer than 2 common seeds)."""
     common = sorted(set(this) & set(ref))
@@ -100,22 +113,31 @@ def matched_none(groups: dict[tuple[str, int], dict[int, dict[str, Any]]], wall_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/matched24")])
+    p.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/matched24"), Path("runs/students24")],
+                   help="folders of run folders (one that does not exist holds none)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/matched_cpu_eval24"))
     p.add_argument("--student", default="anchor_m")
     p.add_argument("--reference", default="none:600", help="the group every other is compared with: METHOD:ITERS")
+    p.add_argument("--recorded", type=Path, help="an earlier results JSON: its records of runs whose folders are gone")
     args = p.parse_args(argv)
     method, _, iters = args.reference.rpartition(":")
     reference = (method, int(iters))
     cfg = load_config()
     splits = {"val": validation_split(cfg), "eval": None}
-    runs = [read_run(d, cfg.model.teacher) for root in args.runs for d in sorted(root.iterdir())
+    runs = [read_run(d, cfg.model.teacher) for root in args.runs if root.is_dir() for d in sorted(root.iterdir())
             if (d / STUDENT).is_file() and (d / "student" / "log.jsonl").is_file()]
     runs = [r for r in runs if r["student"] == args.student and r["curve"] and r["curve"][-1]["iter"] == r["iters"]]
+    if not runs and not args.recorded:
+        raise SystemExit(f"no finished {args.student} run in {', '.join(map(str, args.runs))} (--recorded: an earlier "
+                         "results file whose records stand in for them)")
     for r in runs:
         for split, data in splits.items():
             (result,) = eval_models(cfg, {"s": Path(r["run"]) / STUDENT}, progress=False, data=data)[1:]
             r[split] = {"per_image": [row["psnr_y"] for row in result["rows"]], "psnr_y": result["mean"]["psnr_y"]}
+    fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
+    if args.recorded:
+        earlier = recorded_runs(args.recorded, {r["run"] for r in runs}, fixed[1]["mean"]["psnr_y"])
+        runs = sorted(runs + [r for r in earlier if r["student"] == args.student], key=lambda r: r["run"])
     groups: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["iters"]), {})[r["seed"]] = r
@@ -146,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
             if base in groups and base != (method, iters):
                 row[split]["minus_default_weights"] = paired(by_seed, groups[base], split)
         table.append(row)
-    fixed = eval_models(cfg, {"teacher": shipped_teacher(cfg.model.teacher, cfg.scale)}, progress=False)
     result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
               "teacher": cfg.model.teacher, "eval_teacher_psnr_y": fixed[1]["mean"]["psnr_y"],
               "eval_bicubic_psnr_y": fixed[0]["mean"]["psnr_y"],

@@ -6,14 +6,15 @@
 # out at 4x; the lambda_out grid beyond its default 3; the gate at a margin that closes a quarter of the patches;
 # none at 10x (about out's wall clock at 600: a `none` iteration costs about a tenth of an `out` one); out at 4x on
 # seeds 1-2; fd; fd and facd at 4x; the fd and facd weights beyond their defaults; 8 seeds of lambda_out 10 (under
-# 0.05 dB from 3); fd and facd at 4x on seeds 1-2; 8 seeds of the gate margin and facd (under 0.05 dB apart). Every
+# 0.05 dB from 3); 8 seeds of the gate margin and facd (under 0.05 dB apart); fd and facd at 4x on seeds 1-2. Every
 # run evaluates on the eval set as it goes (learning curves).
 # Each copy of the script is one lane of one thread working down the same list (a run another lane holds is left to
-# it); start one per free core. An interrupted run resumes; a finished one is skipped:
+# it); start one per free core. An interrupted run resumes; a finished one is skipped, and so is one the committed
+# results ($RECORDED) already hold, whose folder a fresh checkout no longer has (matched_cpu.py reads its record):
 #
 #   bash benchmarks/matched_cpu.sh & bash benchmarks/matched_cpu.sh &
 #   .venv/bin/python benchmarks/matched_cpu.py --runs runs/matched24 runs/students24 \
-#       --out benchmarks/results/matched_cpu_eval24
+#       --out benchmarks/results/matched_cpu_eval24 --recorded benchmarks/results/matched_cpu_eval24.json
 #
 # benchmarks/results/matched_cpu.* (the 7-photo eval set) came from this script at commit 8761608, whose lanes also
 # ran none at 10x and facd with a 0.03 dB gate margin, beside benchmarks/students_cpu.sh's facd and none runs.
@@ -21,10 +22,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/matched24}
 PIPELINE=${PIPELINE:-.venv/bin/pipeline}
+RECORDED=${RECORDED:-benchmarks/results/matched_cpu_eval24.json}
 run() {  # tag, iterations, seed, then `--set` overrides (KEY=VALUE) beyond method, iterations and seed
     local tag=$1 iters=$2 seed=$3 dir="$RUNS/$1-i$2-seed$3" resume=() sets=() kv
     shift 3
     for kv in "$@"; do sets+=(--set "distill.$kv"); done
+    grep -qF "\"run\": \"$dir\"" "$RECORDED" 2>/dev/null && return 0
     exec 9> "$dir.lock"
     flock -n 9 || return 0
     [ -f "$dir/student/last.pt" ] && resume=(--resume)
@@ -42,10 +45,10 @@ lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
     for s in 0 1 2; do run none 3600 "$s"; done  # about out's wall clock at 600
     for s in 0 1 2; do run out-lo10 600 "$s" lambda_out=10; done  # the weight grid beyond the default 3
     for s in 1 2; do run facd 600 "$s"; done
-    # The gate at a margin that closes a quarter of the training patches (benchmarks/gate_margin.py on facd's
-    # seed 0, written to $RUNS/gate_margin.txt by hand).
-    margin=$(cat "$RUNS/gate_margin.txt" 2>/dev/null || true)
-    if [ -n "$margin" ]; then for s in 0 1 2; do run "facd-m$margin" 600 "$s" gate_margin="$margin"; done; fi
+    # The gate at a margin that closes a quarter of the training patches (benchmarks/gate_margin.py on facd's seed 0:
+    # benchmarks/results/gate_margin_anchor_m.json).
+    margin=0.34
+    for s in 0 1 2; do run "facd-m$margin" 600 "$s" gate_margin="$margin"; done
     for s in 0 1 2; do run none 6000 "$s"; done  # about the wall clock of out at 600
     for s in 1 2; do run out 2400 "$s"; done
     for s in 0 1 2; do run fd 600 "$s"; done
@@ -53,9 +56,9 @@ lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
     for s in 0 1 2; do run fd-lf10 600 "$s" lambda_fd=10; done  # the feature weights beyond their defaults
     for s in 0 1 2; do run facd-lc1 600 "$s" lambda_facd=1; done
     for s in 3 4 5 6 7; do run out-lo10 600 "$s" lambda_out=10; done  # 10 - 3 is under 0.05 dB: 8 seeds
+    for s in 3 4 5 6 7; do  # the margin's effect is under 0.05 dB: 8 seeds
+        run facd 600 "$s"; run "facd-m$margin" 600 "$s" gate_margin="$margin"
+    done
     for s in 1 2; do for m in fd facd; do run "$m" 2400 "$s"; done; done
-    if [ -n "$margin" ]; then  # the margin's effect is under 0.05 dB: 8 seeds
-        for s in 3 4 5 6 7; do run facd 600 "$s"; run "facd-m$margin" 600 "$s" gate_margin="$margin"; done
-    fi
 } > "$RUNS/lane$$.log" 2>&1
 echo ALLDONE >> "$RUNS/lane$$.log"

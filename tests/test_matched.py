@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,13 @@ def test_the_margin_closes_the_share_the_training_gate_closes():
         gate = adaptive_gate(student(lr), teacher(lr), hr, margin=margin)
     np.testing.assert_allclose(gate.numpy(), adv[:64] > margin)
     assert (adv > margin).mean() == pytest.approx(0.75, abs=1 / 128)
+
+
+def test_recorded_runs_stand_in_only_for_missing_folders_and_only_for_the_same_eval_set(tmp_path):
+    path = tmp_path / "earlier.json"
+    records = [{"run": "runs/a/out-i600-seed0"}, {"run": "runs/a/out-i600-seed1"}]
+    path.write_text(json.dumps({"eval_teacher_psnr_y": 33.5875, "runs": records}))
+    kept = matched.recorded_runs(path, {"runs/a/out-i600-seed1", "runs/a/none-i600-seed0"}, 33.5875)
+    assert kept == [{"run": "runs/a/out-i600-seed0"}]  # a folder present is evaluated afresh, not taken from the file
+    with pytest.raises(SystemExit, match="another eval set or teacher"):
+        matched.recorded_runs(path, set(), 33.6)
