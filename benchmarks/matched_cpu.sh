@@ -6,7 +6,7 @@
 # out at 4x; the lambda_out grid beyond its default 3; the gate at a margin that closes a quarter of the patches;
 # none at 10x (about out's wall clock at 600: a `none` iteration costs about a tenth of an `out` one); out at 4x on
 # seeds 1-2; fd; fd and facd at 4x; the fd and facd weights beyond their defaults; 8 seeds of lambda_out 10 (under
-# 0.05 dB from 3); 8 seeds of the gate margin and facd (under 0.05 dB apart); fd and facd at 4x on seeds 1-2. Every
+# 0.05 dB from 3); 8 seeds of the gate margin and facd (under 0.05 dB apart); fd, then facd, at 4x on seeds 1-2. Every
 # run evaluates on the eval set as it goes (learning curves).
 # Each copy of the script is one lane of one thread working down the same list (a run another lane holds is left to
 # it); start one per free core. An interrupted run resumes; a finished one is skipped, and so is one the committed
@@ -59,6 +59,6 @@ lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
     for s in 3 4 5 6 7; do  # the margin's effect is under 0.05 dB: 8 seeds
         run facd 600 "$s"; run "facd-m$margin" 600 "$s" gate_margin="$margin"
     done
-    for s in 1 2; do for m in fd facd; do run "$m" 2400 "$s"; done; done
+    for m in fd facd; do for s in 1 2; do run "$m" 2400 "$s"; done; done
 } > "$RUNS/lane$$.log" 2>&1
 echo ALLDONE >> "$RUNS/lane$$.log"
