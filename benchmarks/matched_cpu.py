@@ -8,7 +8,9 @@ and on the eval set (what is reported).
 
 A run is any `<folder>/<name>/` holding `student.pt` and `student/log.jsonl`; its method, iterations, student and
 seed come from its manifest (the distill stage's config). Wall clock: the sum over the log's records of
-log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded). Each run's final
+log_every x batch / patches_per_s, i.e. training steps only (evaluations and checkpoints excluded), on the CPU its
+lane recorded at each start (`machine.jsonl`, benchmarks/matched_cpu.sh); a group's wall clock is its runs' on the CPU
+most runs trained on (the others' are listed, not averaged in: another CPU runs at another speed). Each run's final
 student is evaluated per image on both splits, so that every (method, iterations) group is compared with the
 reference group, with the `none` group of the nearest wall clock, with the method it extends at the same iterations
 (`fd` against `out`, `facd` against `fd`) and (a grid point) with the same method at the config's weights, paired
@@ -16,6 +18,7 @@ per seed and image (seed-level t interval and bootstrap). A method's label carri
 config's default.
 `--recorded`: an earlier results file, whose run records (curve and per-image Y-PSNR) stand in for the runs whose
 folders are gone (a fresh checkout holds only the committed results); a folder present is evaluated afresh.
+`--partial`: marks the tables PARTIAL, while runs of benchmarks/matched_cpu.sh are still to finish.
 Writes `<out>.json`, `<out>.md` and `<out>.png` (the learning curves, with the teacher's eval Y-PSNR).
 """
 
@@ -63,9 +66,24 @@ def variant(distill: dict[str, Any]) -> str:
     return f"{method} ({', '.join(changed)})" if changed else method
 
 
+def cpu_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The CPU part of a `pipeline.machine.machine()` record (its platform string names the kernel build)."""
+    return {key: record[key] for key in ("cpu", "cpu_flags", "cores")}
+
+
+def run_machines(folder: Path) -> list[dict[str, Any]]:
+    """The distinct CPUs a run trained on: its lane appends `machine()` to `machine.jsonl` at every start (one,
+    unless it resumed elsewhere); empty when the file is missing (a run not started by benchmarks/matched_cpu.sh)."""
+    path, seen = folder / "machine.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if (cpu := cpu_of(json.loads(line))) not in seen:
+            seen.append(cpu)
+    return seen
+
+
 def read_run(folder: Path, teacher: str) -> dict[str, Any]:
-    """Method (its `variant` label), iterations, seed, student, the curve (iteration, wall clock s, eval
-    Y-PSNR) of one run."""
+    """Method (its `variant` label), iterations, seed, student, the CPUs it trained on, the curve (iteration, wall
+    clock s, eval Y-PSNR) of one run."""
     config = load_manifest(folder / "manifest.json")["artifacts"][STUDENT]["config"]
     train = config["train"]
     records = [json.loads(line) for line in (folder / "student" / "log.jsonl").read_text().splitlines()]
@@ -79,19 +97,21 @@ def read_run(folder: Path, teacher: str) -> dict[str, Any]:
              if "eval" in r]
     method = variant(config["distill"])
     return {"run": str(folder), "method": method, "iters": train["iters"],
-            "seed": config["seed"], "student": config["model.student"], "wall_s": clock,
+            "seed": config["seed"], "student": config["model.student"], "machines": run_machines(folder),
+            "wall_s": clock,
             "s_per_iter": clock / train["iters"], "gflops_per_iter": gflops_per_iter(config, teacher), "curve": curve,
             **study.gate_stats(folder / "student" / "log.jsonl")}
 
 
 def recorded_runs(path: Path, present: set[str], teacher_psnr_y: float) -> list[dict[str, Any]]:
-    """The run records of the earlier results file `path` whose folders are not in `present`; refused (SystemExit)
-    when its teacher scored otherwise on the eval set: another eval set or teacher, not comparable."""
+    """The run records of the earlier results file `path` whose folders are not in `present` (a record without its
+    CPUs trained on the file's machine: the file predates per-run records); refused (SystemExit) when its teacher
+    scored otherwise on the eval set: another eval set or teacher, not comparable."""
     earlier = json.loads(path.read_text())
     if abs(earlier["eval_teacher_psnr_y"] - teacher_psnr_y) > 1e-3:
         raise SystemExit(f"{path}: its teacher scored {earlier['eval_teacher_psnr_y']:.4f} dB on the eval set, this "
                          f"one {teacher_psnr_y:.4f} dB: another eval set or teacher, so its runs are not comparable")
-    return [r for r in earlier["runs"] if r["run"] not in present]
+    return [{"machines": [cpu_of(earlier["machine"])], **r} for r in earlier["runs"] if r["run"] not in present]
 
 
 def paired(this: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]], split: str) -> dict[str, Any] | None:
@@ -102,6 +122,19 @@ def paired(this: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]], spli
     psnr = {"ref": np.array([ref[k][split]["per_image"] for k in common]),
             "this": np.array([this[k][split]["per_image"] for k in common])}
     return {**study.compare(psnr, "ref")[1], "seeds": common}
+
+
+def main_machine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CPU most runs trained on, whole (a run that resumed on another CPU counts for none)."""
+    singles = [r["machines"][0] for r in runs if len(r["machines"]) == 1]
+    if not singles:
+        raise SystemExit("no run records the CPU it trained on (machine.jsonl): wall clocks are not comparable")
+    return max(singles, key=singles.count)
+
+
+def timed_on(by_seed: dict[int, dict[str, Any]], cpu: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The runs of a group that trained on `cpu` alone; all of them when none did (the table then names their CPU)."""
+    return {seed: r for seed, r in by_seed.items() if r["machines"] == [cpu]} or by_seed
 
 
 def matched_none(groups: dict[tuple[str, int], dict[int, dict[str, Any]]], wall_s: float) -> int | None:
@@ -119,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", default="anchor_m")
     p.add_argument("--reference", default="none:600", help="the group every other is compared with: METHOD:ITERS")
     p.add_argument("--recorded", type=Path, help="an earlier results JSON: its records of runs whose folders are gone")
+    p.add_argument("--partial", action="store_true", help="mark the tables PARTIAL (runs still to finish)")
     args = p.parse_args(argv)
     method, _, iters = args.reference.rpartition(":")
     reference = (method, int(iters))
@@ -141,18 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["iters"]), {})[r["seed"]] = r
-    ref = groups.get(reference, {})
+    ref, cpu = groups.get(reference, {}), main_machine(runs)
+    timed = {key: timed_on(by_seed, cpu) for key, by_seed in groups.items()}
     table = []
     for (method, iters), by_seed in sorted(groups.items(), key=lambda kv: np.mean([r["wall_s"]
-                                                                                  for r in kv[1].values()])):
+                                                                                  for r in timed[kv[0]].values()])):
+        clocked = timed[(method, iters)]
         row: dict[str, Any] = {"method": method, "iters": iters, "seeds": sorted(by_seed),
-               "wall_s": float(np.mean([r["wall_s"] for r in by_seed.values()])),
-               "s_per_iter": float(np.mean([r["s_per_iter"] for r in by_seed.values()])),
+               "wall_s": float(np.mean([r["wall_s"] for r in clocked.values()])),
+               "s_per_iter": float(np.mean([r["s_per_iter"] for r in clocked.values()])),
+               "wall_clock_seeds": sorted(clocked),
+               "other_cpu_wall_s": {seed: r["wall_s"] for seed, r in sorted(by_seed.items()) if seed not in clocked},
                "gflops_per_iter": by_seed[min(by_seed)]["gflops_per_iter"]}
         for key in ("train_gate_rate", "val_gate_rate"):
             if all(key in r for r in by_seed.values()):
                 row[key] = float(np.mean([r[key] for r in by_seed.values()]))
-        matched = matched_none(groups, row["wall_s"]) if method != "none" else None
+        matched = matched_none(timed, row["wall_s"]) if method != "none" else None
         base = (method.split(" (")[0], iters)  # the same method with the config's weights and margin
         if matched:
             row["matched_none_iters"] = matched
@@ -168,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if base in groups and base != (method, iters):
                 row[split]["minus_default_weights"] = paired(by_seed, groups[base], split)
         table.append(row)
-    result = {"partial": True, "machine": machine(), "versions": versions(), "student": args.student,
+    result = {"partial": args.partial, "machine": cpu, "evaluated_on": machine(), "versions": versions(),
+              "student": args.student,
               "teacher": cfg.model.teacher, "eval_teacher_psnr_y": fixed[1]["mean"]["psnr_y"],
               "eval_bicubic_psnr_y": fixed[0]["mean"]["psnr_y"],
               "reference": f"{reference[0]} at {reference[1]} iterations", "groups": table, "runs": runs}
@@ -181,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"PARTIAL. Matched compute on `{result['student']}` (x4, shipped {result['teacher']} teacher: eval "
+    partial = "PARTIAL. " if result["partial"] else ""
+    lines = [f"{partial}Matched compute on `{result['student']}` (x4, shipped {result['teacher']} teacher: eval "
              f"{result['eval_teacher_psnr_y']:.3f} dB; bicubic {result['eval_bicubic_psnr_y']:.3f} dB), Y-PSNR; "
              "training wall clock on one thread.", "",
              "| method | iterations | seeds | validation (per seed) | eval (per seed) | wall clock (s) | "
@@ -191,8 +231,12 @@ def format_table(result: dict[str, Any]) -> str:
         gate = f"{g['train_gate_rate']:.4f} / {g['val_gate_rate']:.3f}" if "train_gate_rate" in g else ""
         per_seed = {split: f"{g[split]['psnr_y']:.3f} ({', '.join(f'{v:.3f}' for v in g[split]['psnr_y_per_seed'])})"
                     for split in ("val", "eval")}
+        clock = f"{g['wall_s']:.0f}"
+        if g["other_cpu_wall_s"]:
+            clock += (f" (seeds {', '.join(map(str, g['wall_clock_seeds']))}; another CPU: "
+                      f"{', '.join(f'seed {k} {v:.0f}' for k, v in g['other_cpu_wall_s'].items())})")
         lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {per_seed['val']} | {per_seed['eval']} | "
-                     f"{g['wall_s']:.0f} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
+                     f"{clock} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
     lines += ["", "Differences, paired per seed and image: against the reference "
               f"({result['reference']}), against `none` at the nearest training wall clock, against the method a "
               "feature method extends, and a grid point against its method's default. Seed-t 95 % interval "
@@ -211,8 +255,12 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{x['ci_high']:+.3f}]) {x['verdict']}" for x in (d["val"], d["eval"])]
                 lines.append(f"| {g['method']} | {g['iters']} | {name} | {len(d['eval']['seeds'])} | {cells[0]} | "
                              f"{cells[1]} |")
-    flags = ", ".join(m["cpu_flags"]) or "none of AVX-512/VNNI/AMX"
-    lines.append(f"\nCPU {m['cpu']} ({m['cores']} cores; flags {flags}); one thread per run, other runs and jobs "
+    def described(cpu: dict[str, Any]) -> str:
+        return f"{cpu['cpu']} ({cpu['cores']} cores; flags {', '.join(cpu['cpu_flags']) or 'none of AVX-512/VNNI/AMX'})"
+
+    others = [c for c in {json.dumps(c): c for r in result["runs"] for c in r["machines"] if c != m}.values()]
+    elsewhere = f", another CPU's runs ({'; '.join(map(described, others))}) listed apart" if others else ""
+    lines.append(f"\nWall clock: CPU {described(m)}{elsewhere}; one thread per run, other runs and jobs "
                  "sharing the cores (wall clocks carry their load). "
                  "GFLOPs / iteration: the Convs of the student's forward and backward (3 forwards) and of the "
                  "teacher's forward, on one batch. Validation: the 10 images no training stage saw "
@@ -228,8 +276,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         group = f"{r['method']} ({r['iters']} it)"
         colour = colours.setdefault(group, palette[len(colours) % len(palette)])
         for ax, key in zip(axes, ("wall_s", "iter")):
+            elsewhere = key == "wall_s" and r["machines"] != [result["machine"]]
             ax.plot([c[key] for c in r["curve"]], [c["psnr_y"] for c in r["curve"]], marker=".", color=colour,
-                    alpha=0.7, label=None if group in labelled else group)
+                    alpha=0.7, linestyle=":" if elsewhere else "-", label=None if group in labelled else group)
         labelled.add(group)
     for ax, name in zip(axes, ("training wall clock, one thread (s)", "iterations")):
         ax.axhline(result["eval_teacher_psnr_y"], color="k", linestyle="--", linewidth=1,
@@ -239,7 +288,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("eval-set Y-PSNR (dB)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"PARTIAL: {result['student']}, every run and seed as it trained", fontsize="medium")
+    fig.suptitle(f"{'PARTIAL: ' if result['partial'] else ''}{result['student']}, every run and seed as it trained "
+                 f"(wall clock on {result['machine']['cpu']}; dotted: another CPU)", fontsize="medium")
     save_figure(fig, path)
 
 

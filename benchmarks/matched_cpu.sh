@@ -22,6 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/matched24}
 PIPELINE=${PIPELINE:-.venv/bin/pipeline}
+PYTHON=${PYTHON:-.venv/bin/python}
 RECORDED=${RECORDED:-benchmarks/results/matched_cpu_eval24.json}
 run() {  # tag, iterations, seed, then `--set` overrides (KEY=VALUE) beyond method, iterations and seed
     local tag=$1 iters=$2 seed=$3 dir="$RUNS/$1-i$2-seed$3" resume=() sets=() kv
@@ -31,12 +32,14 @@ run() {  # tag, iterations, seed, then `--set` overrides (KEY=VALUE) beyond meth
     exec 9> "$dir.lock"
     flock -n 9 || return 0
     [ -f "$dir/student/last.pt" ] && resume=(--resume)
+    mkdir -p "$dir"  # the CPU of every start: matched_cpu.py times a run on the CPU it trained on
+    "$PYTHON" -c 'import json; from pipeline.machine import machine; print(json.dumps(machine()))' \
+        >> "$dir/machine.jsonl"
     OMP_NUM_THREADS=1 "$PIPELINE" -q distill --run-dir "$dir" "${resume[@]}" --set 'model.student="anchor_m"' \
         --set "distill.method=\"${tag%%-*}\"" --set "train.iters=$iters" --set "train.eval_every=$((iters / 6))" \
         --set "seed=$seed" "${sets[@]}"
 }
 mkdir -p "$RUNS"
-lscpu | grep -E "Model name|Flags" > "$RUNS/cpu.txt"
 {
     for s in 3 4 5 6 7; do run none 600 "$s"; run out 600 "$s"; done  # out - none is under 0.05 dB: 8 seeds
     for s in 0 1 2; do run none 2400 "$s"; done

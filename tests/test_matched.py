@@ -71,8 +71,39 @@ def test_the_margin_closes_the_share_the_training_gate_closes():
 def test_recorded_runs_stand_in_only_for_missing_folders_and_only_for_the_same_eval_set(tmp_path):
     path = tmp_path / "earlier.json"
     records = [{"run": "runs/a/out-i600-seed0"}, {"run": "runs/a/out-i600-seed1"}]
-    path.write_text(json.dumps({"eval_teacher_psnr_y": 33.5875, "runs": records}))
+    machine = {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "cores": 2, "platform": "Linux"}
+    path.write_text(json.dumps({"eval_teacher_psnr_y": 33.5875, "machine": machine, "runs": records}))
     kept = matched.recorded_runs(path, {"runs/a/out-i600-seed1", "runs/a/none-i600-seed0"}, 33.5875)
-    assert kept == [{"run": "runs/a/out-i600-seed0"}]  # a folder present is evaluated afresh, not taken from the file
+    # a folder present is evaluated afresh, not taken from the file
+    assert [r["run"] for r in kept] == ["runs/a/out-i600-seed0"]
     with pytest.raises(SystemExit, match="another eval set or teacher"):
         matched.recorded_runs(path, set(), 33.6)
+
+
+def test_wall_clocks_come_from_the_cpu_most_runs_trained_on(tmp_path):
+    amd = {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "cores": 2}
+    xeon = {"cpu": "Intel Xeon", "cpu_flags": ["avx2", "avx512f"], "cores": 2}
+    folder = tmp_path / "facd-i2400-seed1"
+    folder.mkdir()
+    assert matched.run_machines(folder) == []  # not started by the lane script: no record
+    started = [{**xeon, "platform": "Linux-a"}, {**xeon, "platform": "Linux-b"}, {**amd, "platform": "Linux-a"}]
+    (folder / "machine.jsonl").write_text("".join(json.dumps(m) + "\n" for m in started))
+    assert matched.run_machines(folder) == [xeon, amd]  # resumed on another CPU: both, the platform string aside
+
+    runs = [{"machines": [amd]}, {"machines": [amd]}, {"machines": [xeon]}, {"machines": [xeon, amd]}]
+    assert matched.main_machine(runs) == amd  # the run that resumed elsewhere counts for neither
+    with pytest.raises(SystemExit, match="machine.jsonl"):
+        matched.main_machine([{"machines": []}])
+    group = {0: {"machines": [amd]}, 1: {"machines": [xeon]}, 2: {"machines": [xeon, amd]}}
+    assert list(matched.timed_on(group, amd)) == [0]
+    assert matched.timed_on({1: group[1]}, amd) == {1: group[1]}  # none on the main CPU: its own, named apart
+
+
+def test_a_recorded_run_without_its_cpu_trained_on_the_files_machine(tmp_path):
+    path = tmp_path / "earlier.json"
+    amd = {"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "cores": 2}
+    xeon = {"cpu": "Intel Xeon", "cpu_flags": ["avx512f"], "cores": 2}
+    records = [{"run": "runs/a/out-i600-seed0"}, {"run": "runs/a/out-i600-seed1", "machines": [xeon]}]
+    path.write_text(json.dumps({"eval_teacher_psnr_y": 33.5, "machine": {**amd, "platform": "Linux"}, "runs": records}))
+    kept = matched.recorded_runs(path, set(), 33.5)
+    assert [r["machines"] for r in kept] == [[amd], [xeon]]
