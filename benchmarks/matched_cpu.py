@@ -233,7 +233,8 @@ def format_table(result: dict[str, Any]) -> str:
                     for split in ("val", "eval")}
         clock = f"{g['wall_s']:.0f}"
         if g["other_cpu_wall_s"]:
-            clock += (f" (seeds {', '.join(map(str, g['wall_clock_seeds']))}; another CPU: "
+            seeds = g["wall_clock_seeds"]
+            clock += (f" (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; another CPU: "
                       f"{', '.join(f'seed {k} {v:.0f}' for k, v in g['other_cpu_wall_s'].items())})")
         lines.append(f"| {g['method']} | {g['iters']} | {len(g['seeds'])} | {per_seed['val']} | {per_seed['eval']} | "
                      f"{clock} | {g['s_per_iter']:.3f} | {g['gflops_per_iter']:.1f} | {gate} |")
