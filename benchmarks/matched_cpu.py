@@ -259,7 +259,7 @@ def format_table(result: dict[str, Any]) -> str:
     def described(cpu: dict[str, Any]) -> str:
         return f"{cpu['cpu']} ({cpu['cores']} cores; flags {', '.join(cpu['cpu_flags']) or 'none of AVX-512/VNNI/AMX'})"
 
-    others = [c for c in {json.dumps(c): c for r in result["runs"] for c in r["machines"] if c != m}.values()]
+    others = list({json.dumps(c): c for r in result["runs"] for c in r["machines"] if c != m}.values())
     elsewhere = f", another CPU's runs ({'; '.join(map(described, others))}) listed apart" if others else ""
     lines.append(f"\nWall clock: CPU {described(m)}{elsewhere}; one thread per run, other runs and jobs "
                  "sharing the cores (wall clocks carry their load). "
