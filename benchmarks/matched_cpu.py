@@ -107,7 +107,10 @@ def recorded_runs(path: Path, present: set[str], teacher_psnr_y: float) -> list[
     """The run records of the earlier results file `path` whose folders are not in `present` (a record without its
     CPUs trained on the file's machine: the file predates per-run records); refused (SystemExit) when its teacher
     scored otherwise on the eval set: another eval set or teacher, not comparable."""
-    earlier = json.loads(path.read_text())
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable results file ({e})") from None
     if abs(earlier["eval_teacher_psnr_y"] - teacher_psnr_y) > 1e-3:
         raise SystemExit(f"{path}: its teacher scored {earlier['eval_teacher_psnr_y']:.4f} dB on the eval set, this "
                          f"one {teacher_psnr_y:.4f} dB: another eval set or teacher, so its runs are not comparable")

@@ -78,6 +78,11 @@ def test_recorded_runs_stand_in_only_for_missing_folders_and_only_for_the_same_e
     assert [r["run"] for r in kept] == ["runs/a/out-i600-seed0"]
     with pytest.raises(SystemExit, match="another eval set or teacher"):
         matched.recorded_runs(path, set(), 33.6)
+    with pytest.raises(SystemExit, match="not a readable results file"):
+        matched.recorded_runs(tmp_path / "missing.json", set(), 33.5875)
+    (tmp_path / "cut.json").write_text(path.read_text()[:40])
+    with pytest.raises(SystemExit, match="not a readable results file"):
+        matched.recorded_runs(tmp_path / "cut.json", set(), 33.5875)
 
 
 def test_wall_clocks_come_from_the_cpu_most_runs_trained_on(tmp_path):
